@@ -1,0 +1,1 @@
+"""ONNX export, channel-group discovery, graph surgery, verification, TFLite and bundles."""
