@@ -60,3 +60,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def cache_dir(*parts: str) -> Path:
+    """fair-edge's cache folder: $FAIR_EDGE_CACHE, else $XDG_CACHE_HOME/fair-edge, else ~/.cache/fair-edge."""
+    root = os.environ.get("FAIR_EDGE_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "fair-edge")
+    path = Path(root, *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
