@@ -30,7 +30,6 @@ system-deps:
 # torch goes in first, pinned, so the resolver takes the local CPU wheel and not a CUDA build.
 $(STAMP): pyproject.toml constraints.txt | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[tflite,vision,dev]'
 	touch $(STAMP)
