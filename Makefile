@@ -34,8 +34,14 @@ $(STAMP): pyproject.toml constraints.txt | system-deps
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[tflite,vision,dev]'
 	touch $(STAMP)
 
-test: setup
+test: setup sysroot
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The arm64 Debian sysroot (qemu user emulation) for the emulated-board tests; cached by versions.
+.PHONY: sysroot
+export FAIR_EDGE_SYSROOT_CACHE ?= $(HOME)/.cache/fair-edge/sysroot
+sysroot: setup
+	$(BIN)/python -m devices.emulation build
 
 deploy: setup
 	$(BIN)/fair-edge deploy --device $(DEVICE) $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(TOD),--tod $(TOD)) $(ARGS)

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and accuracy measured side by side in one run (results in bench/RESULTS.md)."""

@@ -1,0 +1,352 @@
+"""The `fair-edge` command line: score, plan, prune, export, bench, deploy, report, devices.
+
+Every subcommand takes its options as flags with the same names as the keys of a `--config`
+TOML file (flags win over the file). `--json` prints one JSON object on stdout, `--quiet` turns
+progress bars and chatter off. Bad input ends with one line `fair-edge: error: ...` on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from calibration.errors import FairEdgeError
+from devices.config import METRICS, QUANTIZE, RUN_ON, RUNTIMES, WHERE, Options, resolve
+
+EXIT_ERROR = 2
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224, got {text!r}") from None
+
+
+# name -> (argparse keyword arguments). Flags are `--name-with-dashes`; defaults stay None so
+# that only what the user typed overrides the config file.
+FLAGS: dict[str, dict[str, Any]] = {
+    "model": {"help": "module:factory, file.py:factory, a torchvision name, or an .onnx file "
+              "(default: the built-in SmallCNN trained on Fashion-MNIST)"},
+    "weights": {"help": "state_dict file for --model (read with torch.load(weights_only=True))"},
+    "num_classes": {"type": int, "help": "classes of the model's output layer"},
+    "input_shape": {"type": _shape, "help": "one sample's shape, e.g. 3,224,224"},
+    "data": {"help": "calibration data: fashion-mnist[:split], digits, a class folder, .npz/.npy, IDX"},
+    "eval_data": {"help": "held-out data for accuracy (default: the model's test split or --data)"},
+    "device": {"help": "device profile name or profile .toml (see `fair-edge devices`)"},
+    "tod": {"type": float, "help": "tolerance of difference alpha, in (0, 1) (default 0.05)"},
+    "target": {"type": float, "help": "share of --metric to remove (searches the ToD level)"},
+    "metric": {"choices": METRICS, "help": "what --target counts"},
+    "plan": {"help": "a plan .json to apply instead of scoring"},
+    "scores": {"help": "a scores .npz to plan from instead of scoring"},
+    "samples_per_class": {"type": int, "help": "calibration samples per class for scoring"},
+    "projections": {"type": int, "help": "random directions for the sliced W1 of conv maps"},
+    "where": {"choices": WHERE, "help": "where the Utilization score is measured"},
+    "seed": {"type": int, "help": "seed of every random draw"},
+    "runtime": {"choices": RUNTIMES, "help": "runtimes to build (auto: TFLite when the profile lists it)"},
+    "run_on": {"choices": RUN_ON, "help": "where to measure (auto: board over SSH, emulated, or local)"},
+    "round": {"action": argparse.BooleanOptionalAction,
+              "help": "round kept channels to the profile's channel_multiple"},
+    "quantize": {"choices": QUANTIZE, "help": "also build an int8 or fp16 variant"},
+    "out": {"help": "output folder (default dist)"},
+    "name": {"help": "bundle name (default <model>-<device>)"},
+    "eval_samples": {"type": int, "help": "evaluation samples for accuracy (default 2000)"},
+    "runs": {"type": int, "help": "timed runs per model"},
+    "warmup": {"type": int, "help": "untimed warm-up runs per model"},
+    "cache": {"action": argparse.BooleanOptionalAction, "help": "re-use cached stages (scores)"},
+}  # fmt: skip
+
+MODEL = ["model", "weights", "num_classes", "input_shape"]
+DATA = ["data", "seed"]
+SCORING = ["samples_per_class", "projections", "where", "cache"]
+PLANNING = ["device", "tod", "target", "metric", "round"]
+MEASURE = ["device", "run_on", "runs", "warmup"]
+
+SUBCOMMANDS: dict[str, tuple[str, list[str]]] = {
+    "score": ("compute FAIR scores (U and R) of a model on calibration data", MODEL + DATA + SCORING + ["out"]),
+    "plan": ("turn scores into a pruning plan at a ToD level or budget",
+             MODEL + DATA + SCORING + PLANNING + ["scores", "out"]),
+    "prune": ("apply a plan to the ONNX export (graph surgery, verified, simplified)",
+              MODEL + DATA + SCORING + PLANNING + ["plan", "scores", "out"]),
+    "export": ("export a model to ONNX (and TFLite / int8 / fp16)",
+               MODEL + DATA + ["runtime", "quantize", "out"]),
+    "bench": ("time model files on a device (two files: original and pruned, one run)", MEASURE),
+    "deploy": ("the whole chain: score, plan, prune, convert, measure, bundle",
+               MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
+               + ["plan", "scores", "runtime", "quantize", "run_on", "runs", "warmup", "out", "name"]),
+    "report": ("verify a bundle's hashes and print its report", []),
+    "devices": ("list the device profiles", []),
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fair-edge",
+        description="FAIR-Pruner structured pruning to edge devices, measured.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (help_text, options) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="TOML file holding any of these options (flags override)")
+        p.add_argument("--quiet", action="store_true", default=None, help="no progress or chatter")
+        p.add_argument("--json", action="store_true", default=None, help="print one JSON object")
+        for opt in dict.fromkeys(options):
+            kwargs = dict(FLAGS[opt])
+            kwargs.setdefault("default", None)
+            p.add_argument("--" + opt.replace("_", "-"), dest=opt, **kwargs)
+        if name == "bench":
+            p.add_argument(
+                "files", nargs="+", help="model files (.onnx/.tflite): one, or original and pruned"
+            )
+        if name == "report":
+            p.add_argument("bundle", help="a bundle folder written by `fair-edge deploy`")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> Options:
+    flags = {k: v for k, v in vars(args).items() if k in FLAGS or k in ("quiet", "json")}
+    return resolve(args.config, flags)
+
+
+def _emit(opts: Options, payload: dict[str, Any], text: str) -> None:
+    if opts.json:
+        print(json.dumps(payload, indent=1, default=str))
+    elif text:
+        print(text)
+
+
+def _log(opts: Options) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if not opts.quiet and not opts.json:
+            print(msg, file=sys.stderr)
+
+    return log
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_devices(opts: Options, args: argparse.Namespace) -> int:
+    from devices.profile import list_profiles, load_profile
+
+    rows = []
+    for name in list_profiles():
+        p = load_profile(name)
+        rows.append({"name": name, "arch": p.arch, "description": p.description,
+                     "runtimes": [r.name for r in p.runtimes], "channel_multiple": p.channel_multiple})  # fmt: skip
+    text = "\n".join(f"{r['name']:<18} {r['arch']:<8} {r['description']}" for r in rows)
+    _emit(opts, {"profiles": rows}, text)
+    return 0
+
+
+def _model_and_data(opts: Options):
+    from devices.deploy import resolve_inputs
+
+    return resolve_inputs(opts)
+
+
+def cmd_score(opts: Options, args: argparse.Namespace) -> int:
+    from devices.deploy import compute_scores
+    from devices.stage_cache import StageCache
+
+    inp = _model_and_data(opts)
+    model = inp.source.require_torch("scoring")
+    scores, hit = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))
+    out = Path(opts.out) / f"{inp.source.name}.scores.npz"
+    scores.save(out)
+    _emit(opts, {"scores": str(out), "cached": hit, "layers": scores.names()},
+          f"scores of {len(scores.names())} layers -> {out}{' (cached)' if hit else ''}")  # fmt: skip
+    return 0
+
+
+def _plan(opts: Options):
+    from devices.deploy import compute_scores, example_input, make_plan
+    from devices.stage_cache import StageCache
+    from exporters.onnx_export import export_onnx
+    from pipeline.scores import Scores
+
+    inp = _model_and_data(opts)
+    model = inp.source.require_torch("planning")
+    if opts.scores:
+        scores = Scores.load(opts.scores)
+    else:
+        scores = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))[0]
+    proto = export_onnx(model, example_input(inp.calibration), None)
+    return inp, proto, make_plan(scores, proto, model, opts, inp.profile)
+
+
+def cmd_plan(opts: Options, args: argparse.Namespace) -> int:
+    inp, _, plan = _plan(opts)
+    out = Path(opts.out) / f"{inp.source.name}.plan.json"
+    plan.save(out)
+    kept = {n: lp.kept for n, lp in plan.layers.items()}
+    _emit(opts, {"plan": str(out), "pruned_units": plan.pruned_units(), "kept": kept},
+          f"plan removes {plan.pruned_units()} units -> {out}")  # fmt: skip
+    return 0
+
+
+def cmd_prune(opts: Options, args: argparse.Namespace) -> int:
+    from devices.deploy import calibration_subset, example_input, simplify_file
+    from exporters.onnx_export import export_onnx, load_onnx
+    from exporters.surgery import apply_plan, save_model
+    from pipeline.plan import Plan
+
+    if opts.plan:
+        inp = _model_and_data(opts)
+        plan = Plan.load(opts.plan)
+        if inp.source.model is not None:
+            plan.check_model(inp.source.model)
+            proto = export_onnx(inp.source.model, example_input(inp.calibration), None)
+        else:
+            proto = load_onnx(inp.source.onnx_path)
+    else:
+        inp, proto, plan = _plan(opts)
+    verify_x = calibration_subset(inp.calibration, 64, opts.seed)
+    pruned, report = apply_plan(proto, plan, verify_inputs=verify_x)
+    out_dir = Path(opts.out)
+    raw = out_dir / f".{inp.source.name}.pruned.raw.onnx"
+    out = out_dir / f"{inp.source.name}.pruned.onnx"
+    save_model(pruned, raw)
+    try:
+        simplify_file(raw, out, verify_x)
+    finally:
+        raw.unlink(missing_ok=True)
+    _emit(
+        opts,
+        {"model": str(out), "surgery": report.to_json()},
+        f"{report.to_markdown()}\npruned model -> {out}",
+    )
+    return 0
+
+
+def cmd_export(opts: Options, args: argparse.Namespace) -> int:
+    from devices.deploy import calibration_subset, example_input
+    from exporters.onnx_export import export_onnx
+
+    inp = _model_and_data(opts)
+    model = inp.source.require_torch("export")
+    out_dir = Path(opts.out)
+    x0 = example_input(inp.calibration)
+    onnx_path = out_dir / f"{inp.source.name}.onnx"
+    export_onnx(model, x0, onnx_path)
+    files: dict[str, Any] = {"onnx": str(onnx_path)}
+    calib = calibration_subset(inp.calibration, 256, opts.seed)
+    if opts.runtime == "tflite" or (opts.runtime == "auto" and inp.profile.runtime("tflite")):
+        from exporters.tflite import convert_tflite, verify_tflite
+
+        tfl = convert_tflite(model, x0, out_dir / f"{inp.source.name}.tflite")
+        files["tflite"] = verify_tflite(tfl, onnx_path, calib[:64]).to_json()
+    if opts.quantize != "none":
+        from exporters.quantize import quantize
+
+        q = out_dir / f"{inp.source.name}.{opts.quantize}.onnx"
+        ev = inp.evaluation
+        files[opts.quantize] = quantize(
+            opts.quantize, onnx_path, q, calib, ev.inputs, ev.labels
+        ).to_json()
+    text = "\n".join(f"{k}: {v if isinstance(v, str) else v['path']}" for k, v in files.items())
+    _emit(opts, files, text)
+    return 0
+
+
+def cmd_bench(opts: Options, args: argparse.Namespace) -> int:
+    from devices.deploy import choose_where, resolve_profile
+    from devices.report import measure_pair
+    from devices.runspec import RunSpec
+
+    profile = resolve_profile(opts.device)
+    where, why = choose_where(profile, opts.run_on)
+    spec = RunSpec(warmup=opts.warmup, runs=opts.runs)
+    files = [Path(f) for f in args.files]
+    if len(files) > 2:
+        raise FairEdgeError("bench takes one model file, or two (original and pruned)")
+    for f in files:
+        if not f.is_file():
+            raise FairEdgeError(f"model file {str(f)!r} does not exist")
+    if len(files) == 2:
+        comp = measure_pair(files[0], files[1], profile, where, spec)
+        _emit(opts, comp.to_dict(), comp.headline())
+        return 0
+    if where == "local":
+        from devices.local import run_local as run
+    elif where == "ssh":
+        from devices.ssh import run_ssh as run
+    else:
+        from devices.emulation import run_emulated as run
+    m = run(files[0], profile, spec)
+    _emit(opts, m.to_dict(), f"{files[0].name} on {m.device}: p50 {m.p50_ms:.3f} ms ({why})")
+    return 0
+
+
+def cmd_report(opts: Options, args: argparse.Namespace) -> int:
+    from exporters.bundle import verify_bundle
+
+    bundle = Path(args.bundle)
+    manifest = verify_bundle(bundle)
+    report = json.loads((bundle / "report.json").read_text(encoding="utf-8"))
+    text = (bundle / "report.md").read_text(encoding="utf-8").rstrip()
+    _emit(opts, {"bundle": str(bundle), "files_verified": len(manifest["files"]),
+                 "summary": report.get("summary")}, text)  # fmt: skip
+    return 0
+
+
+def cmd_deploy(opts: Options, args: argparse.Namespace) -> int:
+    from devices.deploy import deploy
+
+    result = deploy(opts, log=_log(opts))
+    r = result.summary["ratios"]
+
+    def f(v: float | None, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    text = (
+        f"bundle: {result.bundle}\nreport: {result.report}\n"
+        f"latency speed-up {f(r['latency_speedup'], '.2f')}x, memory {f(r['memory'], '.3f')}, "
+        f"size {f(r['size'], '.3f')}, FLOPs {f(r['flops'], '.3f')}, "
+        f"accuracy change {f(r['accuracy_change_points'], '+.2f')} points "
+        f"({result.summary['measured_where']})"
+    )
+    if opts.quiet and not opts.json:
+        text = str(result.bundle)
+    _emit(opts, result.to_json(), text)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Options, argparse.Namespace], int]] = {
+    "score": cmd_score,
+    "plan": cmd_plan,
+    "prune": cmd_prune,
+    "export": cmd_export,
+    "bench": cmd_bench,
+    "deploy": cmd_deploy,
+    "report": cmd_report,
+    "devices": cmd_devices,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; return the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        opts = _options(args)
+        return COMMANDS[args.command](opts, args)
+    except FairEdgeError as exc:
+        message = " ".join(str(exc).split())
+        print(f"fair-edge: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("fair-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

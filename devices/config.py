@@ -1,0 +1,203 @@
+"""Every option of the `fair-edge` command line in one dataclass, loadable from a TOML file.
+
+A config file holds any of the options (top-level keys, `-` or `_` alike); flags given on the
+command line override it; anything left unset takes the dataclass default. Unknown keys and
+wrongly typed values fail with one line that names them, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from calibration.errors import FairEdgeError
+
+RUNTIMES = ("auto", "onnx", "tflite")
+QUANTIZE = ("none", "int8", "fp16")
+METRICS = ("flops", "params")
+WHERE = ("raw", "bn", "act")
+RUN_ON = ("auto", "local", "ssh", "emulated")
+
+
+class ConfigError(FairEdgeError):
+    """A config file or option value that cannot be used."""
+
+
+@dataclass
+class Options:
+    """All options of every subcommand; each subcommand reads the ones it needs."""
+
+    model: str | None = None
+    """`module:factory`, a torchvision model name, an .onnx file, or None for the built-in default."""
+    weights: str | None = None
+    num_classes: int | None = None
+    input_shape: list[int] | None = None
+    """One sample's shape (C, H, W); checked against the data's samples."""
+    data: str | None = None
+    """Calibration data spec (see calibration.loaders.load_data); None: the default model's data."""
+    eval_data: str | None = None
+    device: str = "host"
+    tod: float = 0.05
+    target: float | None = None
+    """Remove this share of `metric` (0.3 = 30% of FLOPs; searches the ToD level) instead of --tod."""
+    metric: str = "flops"
+    plan: str | None = None
+    scores: str | None = None
+    samples_per_class: int = 32
+    projections: int = 128
+    where: str = "raw"
+    seed: int = 0
+    runtime: str = "auto"
+    """auto: ONNX, plus TFLite when the device profile lists a tflite runtime."""
+    run_on: str = "auto"
+    """Where to measure: auto (ssh when the profile has a host, emulated when its sysroot is
+    built, else local), local, ssh or emulated."""
+    round: bool = True
+    """Round kept channel counts to the profile's channel_multiple."""
+    quantize: str = "none"
+    out: str = "dist"
+    name: str | None = None
+    eval_samples: int = 2000
+    runs: int = 50
+    warmup: int = 5
+    cache: bool = True
+    quiet: bool = False
+    json: bool = False
+
+    def validate(self) -> Options:
+        """Check ranges and choices; return self so calls chain."""
+        if not 0.0 < self.tod < 1.0:
+            raise ConfigError(
+                f"--tod must be in (0, 1) (the reference uses 0.005 to 0.05), got {self.tod}"
+            )
+        if self.target is not None and not 0.0 < self.target < 1.0:
+            raise ConfigError(f"--target is the share to remove, in (0, 1), got {self.target}")
+        for name, value, choices in (
+            ("runtime", self.runtime, RUNTIMES),
+            ("quantize", self.quantize, QUANTIZE),
+            ("metric", self.metric, METRICS),
+            ("where", self.where, WHERE),
+            ("run_on", self.run_on, RUN_ON),
+        ):
+            if value not in choices:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}"
+                )
+        for name in ("samples_per_class", "projections", "eval_samples", "runs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.input_shape is not None and (
+            not self.input_shape or any(int(d) < 1 for d in self.input_shape)
+        ):
+            raise ConfigError(
+                f"--input-shape must be positive sizes like 3,224,224, got {self.input_shape}"
+            )
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Options:
+        return merge(cls(), data, source="JSON")
+
+    def cache_key(self, *names: str) -> dict[str, Any]:
+        """The named options as a dict, for content-hash keys of cached stages."""
+        return {n: getattr(self, n) for n in names}
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(Options)]
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Options)
+    return {f.name: hints[f.name] for f in fields(Options)}
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Check `value` against the field's type hint; ints are accepted where floats are expected."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0], source)
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+    elif origin is list:
+        if isinstance(value, list | tuple) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return [int(v) for v in value]
+    elif origin is dict and isinstance(value, dict):
+        return dict(value)
+    wanted = getattr(origin, "__name__", str(origin))
+    raise ConfigError(
+        f"option {name!r} from {source} must be {wanted}, got {type(value).__name__} {value!r}"
+    )
+
+
+def merge(base: Options, values: dict[str, Any], *, source: str) -> Options:
+    """Return `base` with `values` (names with '-' or '_') applied; None values are skipped."""
+    types_ = _field_types()
+    updates: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in types_:
+            raise ConfigError(
+                f"unknown option {raw_key!r} in {source}; valid options: {', '.join(option_names())}"
+            )
+        if value is None:
+            continue
+        updates[key] = _coerce(raw_key, value, types_[key], source)
+    return dataclasses.replace(base, **updates)
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML config: top-level keys, or a `[fair-edge]` table, are options."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    if set(data) == {"fair-edge"} and isinstance(data["fair-edge"], dict):
+        data = data["fair-edge"]
+    return data
+
+
+def resolve(config_path: str | os.PathLike | None, flags: dict[str, Any]) -> Options:
+    """Defaults <- config file <- flags (flags left as None do not override)."""
+    opts = Options()
+    if config_path is not None:
+        opts = merge(
+            opts, load_config(config_path), source=f"config file {os.fspath(config_path)!r}"
+        )
+    opts = merge(opts, flags, source="the command line")
+    return opts.validate()

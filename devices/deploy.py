@@ -1,0 +1,724 @@
+"""`fair-edge deploy`: one call from a trained model to a measured, edge-ready bundle.
+
+score -> plan -> export -> surgery (verified) -> simplify (BN fold) -> TFLite (profiles that
+list it) -> optional int8/fp16 -> accuracy of every shipped file -> original and pruned measured
+on the device in one run -> report -> bundle (written atomically). Scores are cached by the
+content hash of the weights, data and scoring options, so a re-run with another ToD level or
+device skips the slow stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+from calibration.data import CalibrationSet
+from calibration.errors import FairEdgeError
+from calibration.fileio import atomic_write_bytes
+from devices.config import Options
+from devices.model_source import ModelSource, resolve_model
+from devices.profile import DeviceProfile, load_profile
+from devices.stage_cache import StageCache, hash_arrays, hash_model
+from exporters.bundle import BundleSpec, tool_versions, write_bundle
+from exporters.errors import ExportError
+from exporters.evaluate import model_outputs, top1
+from pipeline.plan import Plan
+from pipeline.scores import Scores
+
+REPORT_SCHEMA = "fair-edge/deploy-report"
+REPORT_VERSION = 1
+SIMPLIFY_ATOL = 1e-4
+VERIFY_SAMPLES = 64
+INT8_CALIBRATION = 256
+
+
+class DeployError(FairEdgeError):
+    """A deploy that cannot go on (missing data for a model, an unusable option combination)."""
+
+
+@dataclass
+class DeployResult:
+    """Where the bundle went and the headline numbers (also in its report.json)."""
+
+    bundle: Path
+    report: Path
+    summary: dict[str, Any]
+    cache: dict[str, bool] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bundle"], d["report"] = str(self.bundle), str(self.report)
+        return d
+
+
+@dataclass
+class Inputs:
+    """The resolved model, profile and data a deploy (or a single stage) works on."""
+
+    source: ModelSource
+    profile: DeviceProfile
+    calibration: CalibrationSet
+    evaluation: CalibrationSet
+    eval_is_calibration: bool
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def show_progress(opts: Options) -> bool:
+    """Progress bars only for a person watching: not with --quiet/--json, not into a pipe or log."""
+    return not (opts.quiet or opts.json) and sys.stderr.isatty()
+
+
+def resolve_profile(name: str) -> DeviceProfile:
+    return load_profile(name)
+
+
+def resolve_inputs(opts: Options) -> Inputs:
+    """Profile first (cheapest to get wrong), then model, then data."""
+    from calibration.loaders import load_data
+
+    profile = resolve_profile(opts.device)
+    source = resolve_model(
+        opts.model, weights=opts.weights, num_classes=opts.num_classes, progress=show_progress(opts)
+    )
+    if opts.data is not None:
+        calib = load_data(opts.data)
+    elif source.calibration_data is not None:
+        calib = source.calibration_data
+    else:
+        raise DeployError(
+            f"model {source.spec!r} needs calibration data: give --data (a class folder, .npz/.npy, "
+            "an IDX file, 'fashion-mnist' or 'digits')"
+        )
+    if opts.eval_data is not None:
+        evaluation, same = load_data(opts.eval_data), False
+    elif opts.data is None and source.eval_data is not None:
+        evaluation, same = source.eval_data, False
+    else:
+        evaluation, same = calib, True
+    if opts.input_shape is not None and list(calib.sample_shape) != list(opts.input_shape):
+        raise DeployError(
+            f"--input-shape {opts.input_shape} does not match the data's samples "
+            f"{list(calib.sample_shape)}; fix the preprocessing (resize/channels) or the shape"
+        )
+    if evaluation.sample_shape != calib.sample_shape:
+        raise DeployError(
+            f"evaluation data samples are {list(evaluation.sample_shape)} but calibration samples "
+            f"are {list(calib.sample_shape)}; use data with the same preprocessing"
+        )
+    if len(evaluation) > opts.eval_samples:
+        idx = np.sort(
+            np.random.default_rng(opts.seed).permutation(len(evaluation))[: opts.eval_samples]
+        )
+        evaluation = evaluation.subset(idx)
+    return Inputs(source, profile, calib, evaluation, same)
+
+
+def example_input(cs: CalibrationSet) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(cs.inputs[:1]))
+
+
+def calibration_subset(cs: CalibrationSet, n: int, seed: int) -> np.ndarray:
+    """`n` calibration inputs, seeded, class-balanced when labelled (int8 ranges, verification)."""
+    if len(cs) <= n:
+        return cs.inputs
+    if cs.labels is not None and cs.num_classes > 1:
+        from calibration.sampling import balanced_sample
+
+        per_class = max(2, n // max(1, cs.num_classes))
+        try:
+            return balanced_sample(cs, per_class, seed)[0].inputs[:n]
+        except FairEdgeError:
+            pass
+    idx = np.sort(np.random.default_rng(seed).permutation(len(cs))[:n])
+    return cs.inputs[idx]
+
+
+def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelSource) -> None:
+    """One forward pass on a data sample, so a model/data mismatch is one clear line."""
+    try:
+        with torch.no_grad():
+            out = model(example_input(cs))
+    except Exception as exc:
+        raise DeployError(
+            f"model {source.spec!r} cannot run on the data's samples of shape "
+            f"{list(cs.sample_shape)} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "give data with the model's input shape and preprocessing"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise DeployError(
+            f"model {source.spec!r} must return N x classes logits, got "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+        )
+    if cs.labels is not None and out.shape[1] < cs.num_classes:
+        raise DeployError(
+            f"model {source.spec!r} has {out.shape[1]} outputs but the data has {cs.num_classes} "
+            "classes; set --num-classes or use matching data"
+        )
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def compute_scores(
+    model: torch.nn.Module, cs: CalibrationSet, opts: Options, cache: StageCache
+) -> tuple[Scores, bool]:
+    """FAIR scores of `model` on a seeded, class-balanced calibration draw; cached by content."""
+    from pipeline.scoring import score
+
+    if cs.labels is not None:
+        from calibration.sampling import balanced_sample
+
+        sample = balanced_sample(cs, opts.samples_per_class, opts.seed)[0]
+        data: Any = sample
+        x, y = sample.inputs, sample.labels
+    else:
+        x = cs.inputs[: opts.samples_per_class * 100]
+        data, y = (torch.from_numpy(x), None), None
+    key = StageCache.key(
+        "scores/1",
+        hash_model(model),
+        hash_arrays(x, y),
+        opts.cache_key("samples_per_class", "projections", "seed", "where"),
+    )
+
+    def run(folder: Path) -> dict[str, Any]:
+        scores = score(
+            model,
+            data,
+            samples_per_class=opts.samples_per_class,
+            projections=opts.projections,
+            seed=opts.seed,
+            where=opts.where,
+            progress=show_progress(opts),
+        )
+        scores.save(folder / "scores.npz")
+        return {"layers": len(scores.layers)}
+
+    folder, hit = cache.fetch("scores", key, run)
+    return Scores.load(folder / "scores.npz"), hit
+
+
+def make_plan(
+    scores: Scores,
+    onnx_model: onnx.ModelProto,
+    model: torch.nn.Module,
+    opts: Options,
+    profile: DeviceProfile,
+) -> Plan:
+    """The FAIR plan at --tod (or the smallest ToD reaching --target), rounded to the profile."""
+    from exporters.costs import OnnxCostModel
+    from exporters.graph_groups import find_groups
+    from pipeline.planning import plan, plan_for_budget
+
+    groups = find_groups(onnx_model)
+    if opts.target is not None:
+        result = plan_for_budget(
+            scores,
+            opts.target,
+            opts.metric,
+            cost=OnnxCostModel(onnx_model),
+            groups=groups,
+            model=model,
+        )
+    else:
+        result = plan(scores, opts.tod, groups=groups, model=model)
+    if opts.round and profile.channel_multiple > 1:
+        from pipeline.rounding import round_plan
+
+        result = round_plan(result, scores, profile.channel_multiple, groups=groups)
+    return result
+
+
+def simplify_file(src: Path, dst: Path, inputs: np.ndarray) -> dict[str, Any]:
+    """Fold constants and BatchNorm into the convolutions (onnxslim); outputs must not change."""
+    import onnxslim
+
+    model = onnx.load(os.fspath(src))
+    try:
+        slim = onnxslim.slim(model)
+    except Exception as exc:
+        raise ExportError(f"simplifying {src.name} failed: {type(exc).__name__}: {exc}") from exc
+    atomic_write_bytes(dst, slim.SerializeToString())
+    before, after = model_outputs(src, inputs), model_outputs(dst, inputs)
+    diff = float(np.max(np.abs(before - after)))
+    if not diff <= SIMPLIFY_ATOL * max(1.0, float(np.max(np.abs(before)))):
+        raise ExportError(
+            f"simplified {src.name} differs from the unsimplified graph by {diff:.3g}; "
+            "report this model to fair-edge"
+        )
+    ops = lambda m: sum(1 for _ in m.graph.node)  # noqa: E731
+    return {"nodes_before": ops(model), "nodes_after": ops(slim), "max_abs_diff": diff}
+
+
+def prune_torch_model(
+    model: torch.nn.Module, plan: Plan, example: torch.Tensor, onnx_model: onnx.ModelProto
+) -> torch.nn.Module:
+    """The physically smaller torch module for `plan`, verified against the masked ONNX original."""
+    from exporters.torch_prune import prune_torch
+
+    return prune_torch(model, plan, example_input=example, onnx_model=onnx_model)
+
+
+def choose_where(profile: DeviceProfile, run_on: str) -> tuple[str, str]:
+    """(where, why): ssh when the profile can reach its board, else emulated, else local."""
+    if run_on != "auto":
+        return run_on, f"--run-on {run_on}"
+    if profile.is_host:
+        return "local", "the host profile runs here"
+    host = profile.ssh_settings().host
+    if host:
+        return "ssh", f"profile {profile.name} reaches its board at {host}"
+    if profile.emulate:
+        from devices.emulation import sysroot_path
+
+        if (sysroot_path() / "sysroot.json").is_file():
+            return "emulated", "no board host set; the emulated aarch64 sysroot is built"
+        return "local", (
+            f"no board host set (FAIR_EDGE_{profile.name.upper().replace('-', '_')}_HOST) and no "
+            "emulated sysroot (python -m devices.emulation build): measured locally on the host"
+        )
+    return "local", "no board host set: measured locally on the host"
+
+
+def accuracy_of(path: Path, cs: CalibrationSet) -> float | None:
+    if cs.labels is None:
+        return None
+    return top1(model_outputs(path, cs.inputs), cs.labels)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return float(a) / float(b)
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The report's lead: ratios first (latency, memory, size, FLOPs, accuracy)."""
+    r = summary["ratios"]
+    m = summary["metrics"]
+    lines = [
+        f"# fair-edge deploy: {summary['model']} on {summary['device']}",
+        "",
+        f"Measured {summary['measured_where']} ({summary['measured_why']}); original and pruned "
+        "timed back to back in one run."
+        + (
+            ""
+            if summary.get("representative", True)
+            else " Latency under emulation is NOT representative of the board; sizes, FLOPs and "
+            "accuracy are."
+        ),
+        "",
+        "| ratio (pruned vs original) | value |",
+        "|---|---|",
+        f"| latency speed-up (p50, original / pruned) | {_fmt(r['latency_speedup'], '.2f')}x |",
+        f"| peak memory (pruned / original) | {_fmt(r['memory'], '.3f')} |",
+        f"| model file size (pruned / original) | {_fmt(r['size'], '.3f')} |",
+        f"| FLOPs (pruned / original) | {_fmt(r['flops'], '.3f')} |",
+        f"| parameters (pruned / original) | {_fmt(r['params'], '.3f')} |",
+        f"| top-1 accuracy change (points) | {_fmt(r['accuracy_change_points'], '+.2f')} |",
+        "",
+        "| | original | pruned |",
+        "|---|---|---|",
+        f"| latency p50 (ms) | {_fmt(m['latency_p50_ms'][0])} | {_fmt(m['latency_p50_ms'][1])} |",
+        f"| peak RSS (MB) | {_fmt(m['peak_rss_mb'][0], '.1f')} | {_fmt(m['peak_rss_mb'][1], '.1f')} |",
+        f"| file size (bytes) | {m['size_bytes'][0]:,} | {m['size_bytes'][1]:,} |",
+        f"| FLOPs | {m['flops'][0]:,} | {m['flops'][1]:,} |",
+        f"| parameters | {m['params'][0]:,} | {m['params'][1]:,} |",
+        f"| top-1 accuracy ({summary['accuracy_on']}) | {_fmt(m['accuracy'][0], '.4f')} | {_fmt(m['accuracy'][1], '.4f')} |",
+        "",
+    ]
+    for v in summary.get("variants", []):
+        lines.append(
+            f"- {v['file']}: {v['kind']}, top-1 {_fmt(v.get('accuracy'), '.4f')} "
+            f"(change vs pruned fp32 {_fmt(v.get('accuracy_change_points'), '+.2f')} points), "
+            f"{v['size_bytes']:,} bytes"
+        )
+    for note in summary.get("notes", []):
+        lines.append(f"- note: {note}")
+    return "\n".join(lines).rstrip() + "\n\n"
+
+
+def summary_html(summary: dict[str, Any]) -> str:
+    import html
+
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+        for k, v in (
+            ("latency speed-up (p50)", f"{_fmt(summary['ratios']['latency_speedup'], '.2f')}x"),
+            ("peak memory ratio", _fmt(summary["ratios"]["memory"])),
+            ("size ratio", _fmt(summary["ratios"]["size"])),
+            ("FLOPs ratio", _fmt(summary["ratios"]["flops"])),
+            ("parameters ratio", _fmt(summary["ratios"]["params"])),
+            ("accuracy change (points)", _fmt(summary["ratios"]["accuracy_change_points"], "+.2f")),
+        )
+    )
+    title = html.escape(f"fair-edge deploy: {summary['model']} on {summary['device']}")
+    return f"<h1>{title}</h1><table class='ratios'>{rows}</table>"
+
+
+# ------------------------------------------------------------------------------ deploy
+
+
+@contextmanager
+def _stage(name: str, timings: dict[str, float], bar: Any) -> Iterator[None]:
+    bar.set_description(name)
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 3)
+    bar.update(1)
+
+
+def deploy(
+    opts: Options,
+    *,
+    cache: StageCache | None = None,
+    runner: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> DeployResult:
+    """Run the whole chain for `opts` and return where the bundle and its report are."""
+    from devices.report import measure_pair, write_report
+    from devices.runspec import RUNNER_PATH, RunSpec
+    from exporters.onnx_export import export_onnx, load_onnx
+    from exporters.surgery import apply_plan, save_model
+
+    opts.validate()
+    cache = cache or StageCache.default(enabled=opts.cache)
+    runner_path = Path(runner) if runner is not None else RUNNER_PATH
+    say = log or (lambda _msg: None)
+    timings: dict[str, float] = {}
+    hits: dict[str, bool] = {}
+    notes: list[str] = []
+    stages = ["scores", "export", "plan", "surgery", "simplify", "tflite", "quantize", "accuracy",
+              "measure", "bundle"]  # fmt: skip
+    t0 = time.perf_counter()
+    inp = resolve_inputs(opts)  # bad input fails here, before any bar or file
+    source, profile = inp.source, inp.profile
+    verify_x = calibration_subset(inp.calibration, VERIFY_SAMPLES, opts.seed)
+    if source.model is not None:
+        _check_model_runs(source.model, inp.calibration, source)
+    timings["inputs"] = round(time.perf_counter() - t0, 3)
+    bar = tqdm(total=len(stages), disable=not show_progress(opts), unit="stage", leave=False)
+    with tempfile.TemporaryDirectory(prefix="fair-edge-deploy-") as tmp_name, bar:
+        work = Path(tmp_name)
+        model = source.model
+        with _stage("scores", timings, bar):
+            scores = None
+            if opts.plan is None:
+                model = source.require_torch("scoring")
+                if opts.scores is not None:
+                    scores, hits["scores"] = Scores.load(opts.scores), True
+                else:
+                    scores, hits["scores"] = compute_scores(model, inp.calibration, opts, cache)
+        with _stage("export", timings, bar):
+            raw_original = work / "original.raw.onnx"
+            if model is not None:
+                original_proto = export_onnx(model, example_input(inp.calibration), raw_original)
+            else:
+                original_proto = load_onnx(source.onnx_path)
+                shutil.copyfile(source.onnx_path, raw_original)
+        with _stage("plan", timings, bar):
+            if opts.plan is not None:
+                the_plan = Plan.load(opts.plan)
+                if model is not None:
+                    the_plan.check_model(model)
+            else:
+                the_plan = make_plan(scores, original_proto, model, opts, profile)
+            if the_plan.pruned_units() == 0:
+                notes.append(
+                    f"the plan removes no unit at ToD {opts.tod}; raise --tod or set --target"
+                )
+        with _stage("surgery", timings, bar):
+            pruned_proto, surgery = apply_plan(original_proto, the_plan, verify_inputs=verify_x)
+            raw_pruned = work / "pruned.raw.onnx"
+            save_model(pruned_proto, raw_pruned)
+        with _stage("simplify", timings, bar):
+            original_onnx, pruned_onnx = work / "original.onnx", work / "model.onnx"
+            simplify = {
+                "original": simplify_file(raw_original, original_onnx, verify_x),
+                "pruned": simplify_file(raw_pruned, pruned_onnx, verify_x),
+            }
+        tflite_files: dict[str, Path] = {}
+        tflite_reports: dict[str, Any] = {}
+        want_tflite = opts.runtime == "tflite" or (
+            opts.runtime == "auto" and profile.runtime("tflite") is not None
+        )
+        pruned_model = None
+        with _stage("tflite", timings, bar):
+            if want_tflite:
+                pruned_model = _tflite(opts, inp, model, original_proto, the_plan, pruned_onnx, original_onnx, work, verify_x,
+                        tflite_files, tflite_reports, notes)  # fmt: skip
+        variants: list[dict[str, Any]] = []
+        variant_files: dict[str, Path] = {}
+        with _stage("quantize", timings, bar):
+            if opts.quantize != "none":
+                _quantize(opts, inp, pruned_model, pruned_onnx, work, variants, variant_files,
+                          tflite_files, tflite_reports, notes)  # fmt: skip
+        with _stage("accuracy", timings, bar):
+            acc_orig = accuracy_of(original_onnx, inp.evaluation)
+            acc_pruned = accuracy_of(pruned_onnx, inp.evaluation)
+            for v in variants:
+                v["accuracy"] = accuracy_of(variant_files[v["file"]], inp.evaluation)
+                v["accuracy_change_points"] = (
+                    None
+                    if v["accuracy"] is None or acc_pruned is None
+                    else 100 * (v["accuracy"] - acc_pruned)
+                )
+        with _stage("measure", timings, bar):
+            where, why = choose_where(profile, opts.run_on)
+            say(f"measuring original and pruned on {profile.name} ({where})")
+            spec = RunSpec(warmup=opts.warmup, runs=opts.runs, runtime="onnxruntime")
+            comparisons = [measure_pair(original_onnx, pruned_onnx, profile, where, spec)]
+            if "model.tflite" in tflite_files and "reference/original.tflite" in tflite_files:
+                tspec = RunSpec(warmup=opts.warmup, runs=opts.runs, runtime="tflite")
+                comparisons.append(
+                    measure_pair(
+                        tflite_files["reference/original.tflite"],
+                        tflite_files["model.tflite"],
+                        profile,
+                        where,
+                        tspec,
+                    )
+                )
+            report_dir = work / "report"
+            write_report(report_dir, comparisons)
+        with _stage("bundle", timings, bar):
+            from exporters.costs import count_cost
+
+            head = comparisons[0]
+            size_o, size_p = original_onnx.stat().st_size, pruned_onnx.stat().st_size
+            cost_o = count_cost(onnx.load(os.fspath(original_onnx)))
+            cost_p = count_cost(onnx.load(os.fspath(pruned_onnx)))
+            summary = {
+                "model": source.name,
+                "device": profile.name,
+                "measured_where": head.device,
+                "measured_why": why,
+                "representative": head.original.representative,
+                "accuracy_on": (
+                    "the calibration data (no separate evaluation data given)"
+                    if inp.eval_is_calibration
+                    else f"{inp.evaluation.source}, {len(inp.evaluation)} samples"
+                ),
+                "ratios": {
+                    "latency_speedup": head.ratios["speedup_p50"],
+                    "memory": head.ratios["peak_rss_ratio"],
+                    "size": _ratio(size_p, size_o),
+                    "flops": _ratio(cost_p.flops, cost_o.flops),
+                    "params": _ratio(cost_p.params, cost_o.params),
+                    "accuracy_change_points": (
+                        None
+                        if acc_orig is None or acc_pruned is None
+                        else 100 * (acc_pruned - acc_orig)
+                    ),
+                },
+                "metrics": {
+                    "latency_p50_ms": [head.original.p50_ms, head.pruned.p50_ms],
+                    "peak_rss_mb": [head.original.peak_rss_mb, head.pruned.peak_rss_mb],
+                    "size_bytes": [size_o, size_p],
+                    "flops": [cost_o.flops, cost_p.flops],
+                    "params": [cost_o.params, cost_p.params],
+                    "accuracy": [acc_orig, acc_pruned],
+                },
+                "variants": variants,
+                "notes": notes,
+            }
+            if len(comparisons) > 1:
+                summary["tflite_latency_speedup"] = comparisons[1].ratios["speedup_p50"]
+            device_report = json.loads((report_dir / "report.json").read_text())
+            report_json = {
+                "schema": REPORT_SCHEMA,
+                "version": REPORT_VERSION,
+                "summary": summary,
+                "surgery": surgery.to_json(),
+                "simplify": simplify,
+                "tflite": tflite_reports,
+                "cache": hits,
+                "timings": timings,
+                "options": opts.to_json(),
+                "device_report": device_report,
+            }
+            md = summary_markdown(summary) + (report_dir / "report.md").read_text()
+            page = (report_dir / "report.html").read_text()
+            page = page.replace("<body>", "<body>" + summary_html(summary), 1)
+            bundle = BundleSpec(name=opts.name or f"{source.name}-{profile.name}")
+            bundle.add_file("model.onnx", pruned_onnx, "model")
+            bundle.add_file("reference/original.onnx", original_onnx, "reference")
+            for rel, path in tflite_files.items():
+                bundle.add_file(rel, path, "reference" if rel.startswith("reference/") else "model")
+            for rel, path in variant_files.items():
+                bundle.add_file(rel, path, "model")
+            bundle.add_file("runner.py", runner_path, "runner")
+            for png in ("latency.png", "bars.png"):
+                if (report_dir / png).is_file():
+                    bundle.add_file(png, report_dir / png, "report")
+            bundle.add_text("plan.json", json.dumps(the_plan.to_json(), indent=1) + "\n", "plan")
+            bundle.add_text("labels.txt", "\n".join(inp.calibration.class_names) + "\n", "labels")
+            bundle.add_text("report.md", md, "report")
+            bundle.add_text("report.html", page, "report")
+            bundle.add_text(
+                "report.json", json.dumps(report_json, indent=1, default=str) + "\n", "report"
+            )
+            x0 = example_input(inp.calibration)
+            bundle.manifest = {
+                "model": source.to_json(),
+                "device": {"profile": profile.name, "arch": profile.arch, "measured": head.device},
+                "input": {
+                    "name": _input_name(pruned_onnx),
+                    "shape": ["batch", *list(x0.shape[1:])],
+                    "dtype": "float32",
+                    "layout": inp.calibration.preprocessing.layout,
+                },
+                "preprocessing": inp.calibration.preprocessing.to_json(),
+                "labels": list(inp.calibration.class_names),
+                "data": {
+                    "calibration": inp.calibration.to_json(),
+                    "evaluation": inp.evaluation.to_json(),
+                },
+                "plan": the_plan.to_json(),
+                "metrics": {
+                    "params": {"before": cost_o.params, "after": cost_p.params},
+                    "flops": {"before": cost_o.flops, "after": cost_p.flops},
+                    "accuracy": {
+                        "before": acc_orig,
+                        "after": acc_pruned,
+                        "on": summary["accuracy_on"],
+                    },
+                    "size_bytes": {"before": size_o, "after": size_p},
+                    "variants": variants,
+                },
+                "ratios": summary["ratios"],
+                "tool_versions": tool_versions(),
+                "run": {
+                    "command": "python "
+                    + str(runner_path.name)
+                    + " model.onnx --hashes manifest.json"
+                },
+            }
+            out = write_bundle(opts.out, bundle)
+    return DeployResult(
+        bundle=out,
+        report=out / "report.md",
+        summary=summary,
+        cache=hits,
+        timings=timings,
+        notes=notes,
+    )
+
+
+def _input_name(path: Path) -> str:
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
+
+
+def _tflite(
+    opts: Options,
+    inp: Inputs,
+    model: torch.nn.Module | None,
+    original_proto: onnx.ModelProto,
+    the_plan: Plan,
+    pruned_onnx: Path,
+    original_onnx: Path,
+    work: Path,
+    verify_x: np.ndarray,
+    files: dict[str, Path],
+    reports: dict[str, Any],
+    notes: list[str],
+) -> torch.nn.Module | None:
+    """Convert original and pruned torch models to TFLite; verify the pruned one against ONNX."""
+    from exporters.tflite import convert_tflite, verify_tflite
+
+    if model is None:
+        if opts.runtime == "tflite":
+            raise DeployError("TFLite needs the PyTorch model; an ONNX input can only go to ONNX")
+        notes.append("TFLite skipped: the model came as ONNX (TFLite converts from PyTorch)")
+        return None
+    x0 = example_input(inp.calibration)
+    pruned_model = prune_torch_model(model, the_plan, x0, original_proto)
+    pruned_tfl = convert_tflite(pruned_model, x0, work / "model.tflite")
+    labels = None
+    reports["pruned"] = verify_tflite(pruned_tfl, pruned_onnx, verify_x, labels).to_json()
+    files["model.tflite"] = pruned_tfl
+    original_tfl = convert_tflite(model, x0, work / "original.tflite")
+    reports["original"] = verify_tflite(original_tfl, original_onnx, verify_x, labels).to_json()
+    files["reference/original.tflite"] = original_tfl
+    return pruned_model
+
+
+def _quantize(
+    opts: Options,
+    inp: Inputs,
+    pruned_model: torch.nn.Module | None,
+    pruned_onnx: Path,
+    work: Path,
+    variants: list[dict[str, Any]],
+    files: dict[str, Path],
+    tflite_files: dict[str, Path],
+    tflite_reports: dict[str, Any],
+    notes: list[str],
+) -> None:
+    """int8 (ONNX QDQ, and TFLite full-integer when TFLite is built) or fp16 (ONNX)."""
+    from exporters.quantize import convert_fp16_onnx, quantize_int8_onnx
+
+    calib = calibration_subset(inp.calibration, INT8_CALIBRATION, opts.seed)
+    if opts.quantize == "int8":
+        path = quantize_int8_onnx(pruned_onnx, work / "model.int8.onnx", calib)
+        files["model.int8.onnx"] = path
+        variants.append(
+            {"file": "model.int8.onnx", "kind": "int8 QDQ per-channel (ONNX Runtime)",
+             "calibration_samples": len(calib), "size_bytes": path.stat().st_size}
+        )  # fmt: skip
+        if "model.tflite" in tflite_files and pruned_model is not None:
+            from exporters.tflite import convert_tflite, verify_tflite
+
+            tpath = convert_tflite(
+                pruned_model, example_input(inp.calibration), work / "model.int8.tflite",
+                quantization="int8", calibration_inputs=calib,
+            )  # fmt: skip
+            tflite_reports["pruned_int8"] = verify_tflite(
+                tpath, pruned_onnx, calib[:VERIFY_SAMPLES], None, quantization="int8"
+            ).to_json()
+            files["model.int8.tflite"] = tpath
+            variants.append(
+                {"file": "model.int8.tflite", "kind": "int8 PT2E static (litert-torch)",
+                 "calibration_samples": len(calib), "size_bytes": tpath.stat().st_size}
+            )  # fmt: skip
+    elif opts.quantize == "fp16":
+        if not any(
+            "CUDA" in p or "Tensorrt" in p for r in inp.profile.runtimes for p in r.providers
+        ):
+            notes.append(
+                f"fp16 requested for {inp.profile.name}, whose runtimes list no GPU provider; "
+                "CPU fp16 is usually slower"
+            )
+        path = convert_fp16_onnx(pruned_onnx, work / "model.fp16.onnx")
+        files["model.fp16.onnx"] = path
+        variants.append(
+            {"file": "model.fp16.onnx", "kind": "fp16 (float32 inputs/outputs)",
+             "calibration_samples": 0, "size_bytes": path.stat().st_size}
+        )  # fmt: skip

@@ -1,0 +1,245 @@
+"""Verification oracle: the pruned model must compute what the masked original computes.
+
+The masked original is the unpruned ONNX model with a 0/1 mask multiplied into every tensor
+right where it enters a channel-mixing consumer (Conv, ConvTranspose, Gemm, MatMul): pruned
+channels are zeroed there and nowhere else, which is exactly what removing them means, since
+every op between a producer and its mixing consumers acts channel by channel. Both models run
+in ONNX Runtime on seeded random inputs and on calibration inputs.
+
+Tolerance (fp32): max |pruned - masked| <= tol * max(1, max |masked|), tol = 1e-4 by default;
+the difference comes only from the changed summation order of the smaller reductions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from exporters.errors import SurgeryError, VerificationError
+from exporters.graph_groups import (
+    MIXING_KINDS,
+    ChannelGraph,
+    add_weights_as_inputs,
+    copy_without_initializers,
+    skeleton,
+)
+
+DEFAULT_TOL = 1e-4
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+}
+
+
+@dataclass
+class VerificationResult:
+    max_abs_diff: float
+    bound: float
+    max_abs_ref: float
+    tol: float
+    n_random: int
+    n_calibration: int
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def masked_original(
+    graph: ChannelGraph, pruned: np.ndarray, weights: bool = True
+) -> onnx.ModelProto:
+    """The original model with pruned channels zeroed where they enter their mixing consumers.
+
+    With `weights=False` the large initializers become typed graph inputs (see `_Runner`), so
+    the weights need not be copied.
+    """
+    model = copy_without_initializers(graph.model)
+    new_nodes = []
+    masks = []
+    for idx, node in enumerate(model.graph.node):
+        info = graph.node_info.get(idx)
+        if info is not None and info.kind in MIXING_KINDS and info.in_desc is not None:
+            keep = graph.kept(info.in_desc, pruned)
+            if not keep.all():
+                d = info.in_desc
+                rank = len(graph.shapes[node.input[0]])
+                mask = np.repeat(keep.astype(np.float32), d.block)
+                mask = mask.reshape([mask.size] + [1] * (rank - 1 - d.axis))
+                mname = f"{node.input[0]}__fe_mask{idx}"
+                masks.append(numpy_helper.from_array(mask, mname))
+                out = f"{node.input[0]}__fe_masked{idx}"
+                new_nodes.append(
+                    helper.make_node("Mul", [node.input[0], mname], [out], name=f"fe_mask_{idx}")
+                )
+                node.input[0] = out
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    if weights:
+        model.graph.initializer.extend(graph.model.graph.initializer)
+    else:
+        add_weights_as_inputs(model, graph.model.graph.initializer)
+    model.graph.initializer.extend(masks)
+    return model
+
+
+class GraphWeights(Mapping):
+    """The original model's initializers as numpy arrays, decoded once and cached by the graph."""
+
+    def __init__(self, graph: ChannelGraph) -> None:
+        self.graph = graph
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.graph.init_names:
+            raise KeyError(name)
+        return self.graph.const(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.graph.init_names)
+
+    def __len__(self) -> int:
+        return len(self.graph.init_names)
+
+
+class _Runner:
+    """Runs a model in ONNX Runtime with its large weights fed as inputs.
+
+    Serialising hundreds of MB of weights into a session costs seconds; feeding the numpy arrays
+    to a weightless skeleton does not. `weights` supplies arrays for graph inputs that are
+    weights (a model built by `masked_original(..., weights=False)`).
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray] | None = None
+    ) -> None:
+        sk = skeleton(model)
+        small = {t.name for t in sk.graph.initializer}
+        self.weights = {
+            t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name not in small
+        }
+        if weights is not None:
+            inits = {t.name for t in model.graph.initializer}
+            for inp in model.graph.input:
+                if inp.name not in inits and inp.name in weights:
+                    self.weights[inp.name] = weights[inp.name]
+        self.session = ort_session(sk)
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, {**feed, **self.weights})
+
+
+def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise SurgeryError(
+            f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def random_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs; the batch axis (first, symbolic) gets `batch`."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif k == 0:
+                dims.append(batch)
+            else:
+                raise SurgeryError(
+                    f"input {inp.name!r} has a symbolic non-batch dimension; pass verify_inputs"
+                )
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds
+
+
+def _as_feeds(model: onnx.ModelProto, inputs: object) -> list[dict[str, np.ndarray]]:
+    if inputs is None:
+        return []
+    names = [
+        i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
+    ]
+    if isinstance(inputs, dict):
+        return [{k: np.asarray(v) for k, v in inputs.items()}]
+    if isinstance(inputs, np.ndarray) or hasattr(inputs, "numpy"):
+        arr = np.asarray(inputs, dtype=np.float32)
+        return [{names[0]: arr[i : i + 16]} for i in range(0, min(len(arr), 64), 16)]
+    if isinstance(inputs, Sequence):
+        out = []
+        for x in inputs:
+            out.extend(_as_feeds(model, x))
+        return out
+    raise SurgeryError(
+        f"verify_inputs must be an array, a dict of arrays or a list of them, not {type(inputs).__name__}"
+    )
+
+
+def compare_models(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    inputs: object = None,
+    tol: float = DEFAULT_TOL,
+    n_random: int = 1,
+    reference_weights: Mapping[str, np.ndarray] | None = None,
+) -> VerificationResult:
+    """Run both models on random (+ given) inputs; raise VerificationError beyond the tolerance.
+
+    Inputs follow the candidate's graph inputs; `reference_weights` feeds a weightless reference.
+    """
+    feeds = [random_inputs(candidate, seed=s) for s in range(n_random)]
+    calib = _as_feeds(candidate, inputs)
+    try:
+        ref_s, cand_s = _Runner(reference, reference_weights), _Runner(candidate)
+    except SurgeryError:
+        raise
+    except Exception as exc:
+        raise VerificationError(
+            f"verification cannot load a model: {str(exc).splitlines()[0]}"
+        ) from exc
+    worst, bound, ref_max = 0.0, 0.0, 0.0
+    for feed in feeds + calib:
+        try:
+            ref = ref_s.run(feed)
+            out = cand_s.run(feed)
+        except Exception as exc:
+            raise VerificationError(f"verification run failed: {str(exc).splitlines()[0]}") from exc
+        for a, b in zip(ref, out, strict=True):
+            a = np.asarray(a, dtype=np.float64)
+            b = np.asarray(b, dtype=np.float64)
+            if a.shape != b.shape:
+                raise VerificationError(
+                    f"pruned output shape {b.shape} differs from the original's {a.shape}"
+                )
+            diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+            lim = tol * max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
+            if not np.isfinite(diff) or diff > lim:
+                raise VerificationError(
+                    f"pruned model differs from the masked original: max |diff| {diff:.3g} > {lim:.3g}; "
+                    "the artifact was not written"
+                )
+            ref_max = max(ref_max, float(np.max(np.abs(a))) if a.size else 0.0)
+            if diff >= worst:
+                worst, bound = diff, lim
+    return VerificationResult(worst, bound, ref_max, tol, len(feeds), len(calib))
