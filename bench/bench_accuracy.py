@@ -15,6 +15,7 @@ tables of bench/RESULTS-accuracy.md (text after the notes marker is kept).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import io
 import json
@@ -54,6 +55,7 @@ ROOT = Path(__file__).resolve().parent
 PLOTS = ROOT / "plots"
 RESULTS_MD = ROOT / "RESULTS-accuracy.md"
 RESULTS_JSON = ROOT / "results-accuracy.json"
+RESULTS_REF_JSON = ROOT / "results-accuracy-reference.json"  # --reference-only writes here
 NOTES_MARK = "<!-- notes: kept across runs -->"
 ALPHAS = (0.005, 0.02, 0.05, 0.1, 0.3)
 ALPHAS_OTHER = (0.02, 0.3)  # where='bn'/'act': fewer sweep points (CPU time)
@@ -86,6 +88,7 @@ class Context:
             "flops_removed": 1 - rem["flops"],
             "params_removed": 1 - rem["params"],
             "top1": evaluate(pruned, self.test),
+            "top1_bn_recal": evaluate(recalibrate_bn(pruned, self.calib), self.test),
             "kept": {n: lp.kept for n, lp in plan.layers.items()},
             "units": {n: lp.n_units for n, lp in plan.layers.items()},
         }
@@ -96,6 +99,23 @@ class Context:
     def finetune(self, pruned: nn.Module, data: CalibrationSet) -> float:
         train(pruned, data, epochs=1, batch_size=128, lr=1e-3, seed=0, progress=False)
         return evaluate(pruned, self.test)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, calib: CalibrationSet) -> nn.Module:
+    """Re-estimate BatchNorm running statistics on the calibration inputs (no gradient step).
+
+    Removing channels shifts the inputs of later layers, so the stored BN statistics go stale;
+    one forward pass over the calibration samples (cumulative average) refreshes them.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, _ in calib.batches(64):
+        model(x)
+    return model.eval()
 
 
 def _ref_count(d_order: list[int], re_order: list[int], level: float) -> int:
@@ -207,6 +227,7 @@ def run_reference(ctx: Context, layers: list[str], spc: int, ft: CalibrationSet 
             "flops_removed": 1 - cost.flops / ctx.base.flops,
             "params_removed": 1 - cost.params / ctx.base.params,
             "top1": evaluate(model, ctx.test),
+            "top1_bn_recal": evaluate(recalibrate_bn(copy.deepcopy(model), ctx.calib), ctx.test),
             "kept": {n: int(model.get_submodule(n).weight.shape[0]) for n in layers},
             "units": {n: int(ctx.model.get_submodule(n).weight.shape[0]) for n in layers},
             "at_target": lvl == pick,
@@ -231,15 +252,26 @@ def _finetune_set(train_set: CalibrationSet, n: int) -> CalibrationSet | None:
 
 
 def run_model(
-    name: str, args: argparse.Namespace, train_set: CalibrationSet, test: CalibrationSet
+    name: str,
+    args: argparse.Namespace,
+    train_set: CalibrationSet,
+    test: CalibrationSet,
+    on_row: Any = None,
 ) -> dict:
+    """Every method on one network; `on_row(partial result)` after each measured row."""
     calib, report = balanced_sample(train_set, SPC, seed=0)
     ft = _finetune_set(train_set, args.finetune_samples)
+    alphas, alphas_other, ratios = (
+        (ALPHAS, ALPHAS_OTHER, RATIOS)
+        if not args.small_sweep
+        else ((0.02, 0.1, 0.3), (), (0.2, 0.4))
+    )
     ctx = Context(name, test, calib)
     out: dict[str, Any] = {
         "model": name,
         "trained": ctx.meta,
         "base_top1": evaluate(ctx.model, test),
+        "base_top1_bn_recal": evaluate(recalibrate_bn(copy.deepcopy(ctx.model), calib), test),
         "base_flops": ctx.base.flops,
         "base_params": ctx.base.params,
         "calibration": calib.to_json() | {"sampling": report.to_json()},
@@ -254,13 +286,23 @@ def run_model(
         )
         out[f"score_seconds_{where}"] = round(time.perf_counter() - t0, 2)
     layers = scores["raw"].names()
+    out["layers"] = layers
     rows: list[dict] = []
-    # FAIR sweep over ToD levels, for each place U is measured
-    for where, sc in scores.items():
-        for a in ALPHAS if where == "raw" else ALPHAS_OTHER:
-            p = fair_plan(sc, a, groups=ctx.groups, model=ctx.model)
-            rows.append(ctx.measure(p, f"fair-{where}") | {"alpha": a})
-    # the 50% FLOPs point for every method
+    out["rows"] = rows
+    l1 = l1_importance(ctx.model, layers)
+    at_target: list[tuple[dict, Plan]] = []
+
+    def add(p: Plan, label: str, target: bool = False, **extra: Any) -> None:
+        row = ctx.measure(p, label) | extra
+        if target:
+            row["at_target"] = True
+            at_target.append((row, p))
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("kept", "units")}), flush=True)
+        if on_row is not None:
+            on_row(out)
+
+    # 1) every method at the TARGET FLOPs reduction (smallest setting reaching it)
     fair_at: dict[str, Plan] = {}
     for where, sc in scores.items():
         try:
@@ -269,49 +311,56 @@ def run_model(
             out[f"fair_{where}_budget_error"] = str(exc)
             continue
         fair_at[where] = p
-        rows.append(
-            ctx.measure(p, f"fair-{where}", ft) | {"alpha": p.method["alpha"], "at_target": True}
-        )
-    l1 = l1_importance(ctx.model, layers)
-    for r in RATIOS:
-        rows.append(
-            ctx.measure(
-                plan_from_importance(l1, uniform_counts(l1, r), ctx.fp, ctx.groups), "uniform-l1"
-            )
-            | {"ratio": r}
+        add(p, f"fair-{where}", True, alpha=p.method["alpha"])
+        if where == "raw":
+            p = uniform_plan_for_budget(l1, TARGET, ctx.cost, ctx.fp, ctx.groups)
+            add(p, "uniform-l1", True, ratio=p.method["ratio"])
+            p = plan_from_importance(l1, plan_counts(fair_at[where]), ctx.fp, ctx.groups)
+            add(p, f"tod-l1-{where}", True)
+            rnd = random_importance(ctx.model, layers, seed=0)
+            p = uniform_plan_for_budget(rnd, TARGET, ctx.cost, ctx.fp, ctx.groups)
+            add(p, "uniform-random", True, ratio=p.method["ratio"], seed=0)
+    # 2) sweeps (no fine-tuning)
+    for a in alphas:
+        p = fair_plan(scores["raw"], a, groups=ctx.groups, model=ctx.model)
+        add(p, "fair-raw", alpha=a)
+        add(plan_from_importance(l1, plan_counts(p), ctx.fp, ctx.groups), "tod-l1-raw", alpha=a)
+    for r in ratios:
+        add(
+            plan_from_importance(l1, uniform_counts(l1, r), ctx.fp, ctx.groups),
+            "uniform-l1",
+            ratio=r,
         )
         rnd = random_importance(ctx.model, layers, seed=0)
-        rows.append(
-            ctx.measure(
-                plan_from_importance(rnd, uniform_counts(rnd, r), ctx.fp, ctx.groups),
-                "uniform-random",
-            )
-            | {"ratio": r}
+        add(
+            plan_from_importance(rnd, uniform_counts(rnd, r), ctx.fp, ctx.groups),
+            "uniform-random",
+            ratio=r,
         )
-    p = uniform_plan_for_budget(l1, TARGET, ctx.cost, ctx.fp, ctx.groups)
-    rows.append(ctx.measure(p, "uniform-l1", ft) | {"ratio": p.method["ratio"], "at_target": True})
-    for seed in range(3):
-        rnd = random_importance(ctx.model, layers, seed=seed)
-        p = uniform_plan_for_budget(rnd, TARGET, ctx.cost, ctx.fp, ctx.groups)
-        rows.append(
-            ctx.measure(p, "uniform-random", ft if seed == 0 else None)
-            | {"ratio": p.method["ratio"], "seed": seed, "at_target": True}
-        )
-    # ToD counts (FAIR's layer-wise ratios) applied to the L1 criterion
-    for where, sc in scores.items():
-        for a in ALPHAS if where == "raw" else ():
-            counts = plan_counts(fair_plan(sc, a, groups=ctx.groups, model=ctx.model))
-            rows.append(
-                ctx.measure(plan_from_importance(l1, counts, ctx.fp, ctx.groups), f"tod-l1-{where}")
-                | {"alpha": a}
+    for where in ("bn", "act"):
+        for a in alphas_other:
+            add(
+                fair_plan(scores[where], a, groups=ctx.groups, model=ctx.model),
+                f"fair-{where}",
+                alpha=a,
             )
         if where in fair_at:
             p = plan_from_importance(l1, plan_counts(fair_at[where]), ctx.fp, ctx.groups)
-            rows.append(ctx.measure(p, f"tod-l1-{where}", ft) | {"at_target": True})
-    out["rows"] = rows
+            add(p, f"tod-l1-{where}", True)
+    for seed in (1, 2):
+        rnd = random_importance(ctx.model, layers, seed=seed)
+        p = uniform_plan_for_budget(rnd, TARGET, ctx.cost, ctx.fp, ctx.groups)
+        add(p, "uniform-random", True, ratio=p.method["ratio"], seed=seed)
+    # 3) one fine-tuning epoch for every method at the target (random: seed 0)
+    if ft is not None:
+        for row, p in at_target:
+            if row.get("seed", 0) == 0:
+                pruned = prune_torch(ctx.model, p, X1, ctx.onnx, verify=False)
+                row["top1_finetuned"] = ctx.finetune(pruned, ft)
+                if on_row is not None:
+                    on_row(out)
     if not args.no_reference:
         out["reference"] = run_reference(ctx, layers, args.ref_samples_per_class, ft)
-    out["layers"] = layers
     return out
 
 
@@ -326,31 +375,35 @@ def _plots(results: list[dict]) -> list[str]:
 
     PLOTS.mkdir(parents=True, exist_ok=True)
     files = []
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
-        sweep = [r for r in res["rows"] if not r.get("at_target")]
-        for method in sorted({r["method"] for r in sweep}):
-            pts = sorted((r["flops_removed"], r["top1"]) for r in sweep if r["method"] == method)
-            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method)
-        ref = [r for r in res.get("reference", {}).get("rows", []) if "top1" in r]
-        if ref:
-            pts = sorted((r["flops_removed"], r["top1"]) for r in ref)
-            ax.plot(
-                *zip(*pts, strict=True),
-                marker="s",
-                ms=4,
-                color="black",
-                label="network-pruner 2.16",
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.5 * len(results)), squeeze=False)
+    for row_axes, res in zip(axes, results, strict=True):
+        for ax, key in zip(row_axes, ("top1", "top1_bn_recal"), strict=True):
+            sweep = [r for r in res["rows"] if key in r]
+            for method in sorted({r["method"] for r in sweep}):
+                pts = sorted((r["flops_removed"], r[key]) for r in sweep if r["method"] == method)
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method)
+            ref = [r for r in res.get("reference", {}).get("rows", []) if key in r]
+            if ref:
+                pts = sorted((r["flops_removed"], r[key]) for r in ref)
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker="s",
+                    ms=4,
+                    color="black",
+                    label="network-pruner 2.16",
+                )
+            ax.axhline(res["base_top1"], color="grey", ls=":", lw=1, label="unpruned")
+            ax.axvline(TARGET, color="grey", ls="--", lw=0.8)
+            what = (
+                "no fine-tuning" if key == "top1" else "BN statistics re-estimated, no fine-tuning"
             )
-        ax.axhline(res["base_top1"], color="grey", ls=":", lw=1, label="unpruned")
-        ax.axvline(TARGET, color="grey", ls="--", lw=0.8)
-        ax.set(
-            title=f"{res['model']} on Fashion-MNIST (no fine-tuning)",
-            xlabel="FLOPs removed",
-            ylabel="top-1 (10,000 test images)",
-        )
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=6)
+            ax.set(
+                title=f"{res['model']}: {what}",
+                xlabel="FLOPs removed",
+                ylabel="top-1 (10,000 test images)",
+            )
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     f = PLOTS / "accuracy-vs-flops.png"
     fig.savefig(f, dpi=80)
@@ -411,15 +464,17 @@ def _markdown(results: list[dict], env: dict, plots: list[str]) -> str:
             f"Command: `{res.get('command', '?')}` ({res.get('date', '?')}); fine-tuning: one epoch "
             f"(Adam, one-cycle LR 1e-3) on {res.get('finetune_samples', '?')} training images.",
             "",
-            f"Unpruned top-1 {res['base_top1']:.4f}; {res['base_flops']:,} FLOPs; {res['base_params']:,} params; "
+            f"Unpruned top-1 {res['base_top1']:.4f} ({_fmt(res.get('base_top1_bn_recal'))} with BN "
+            "re-estimated on the calibration samples); "
+            f"{res['base_flops']:,} FLOPs; {res['base_params']:,} params; "
             f"training took {res['trained'].get('train_seconds', '?')} s. Scoring (one pass): "
             + ", ".join(f"{w} {res.get(f'score_seconds_{w}')} s" for w in ("raw", "bn", "act"))
             + ".",
             "",
             f"### At {TARGET:.0%} FLOPs reduction (smallest setting reaching it)",
             "",
-            "| method | setting | FLOPs removed | params removed | top-1 | top-1 after 1 fine-tune epoch |",
-            "|---|---|---|---|---|---|",
+            "| method | setting | FLOPs removed | params removed | top-1 | top-1, BN re-estimated | top-1 after 1 fine-tune epoch |",
+            "|---|---|---|---|---|---|---|",
         ]
         at = [r for r in res["rows"] if r.get("at_target")]
         at += [r for r in res.get("reference", {}).get("rows", []) if r.get("at_target")]
@@ -437,7 +492,7 @@ def _markdown(results: list[dict], env: dict, plots: list[str]) -> str:
                 setting += f" seed={r['seed']}"
             lines.append(
                 f"| {r['method']} | {setting} | {_fmt(r.get('flops_removed'))} | {_fmt(r.get('params_removed'))} "
-                f"| {_fmt(r.get('top1'))} | {_fmt(r.get('top1_finetuned'))} |"
+                f"| {_fmt(r.get('top1'))} | {_fmt(r.get('top1_bn_recal'))} | {_fmt(r.get('top1_finetuned'))} |"
             )
         ref = res.get("reference", {})
         if "error" in ref:
@@ -451,8 +506,8 @@ def _markdown(results: list[dict], env: dict, plots: list[str]) -> str:
             "",
             "### Sweep (no fine-tuning)",
             "",
-            "| method | setting | FLOPs removed | params removed | top-1 |",
-            "|---|---|---|---|---|",
+            "| method | setting | FLOPs removed | params removed | top-1 | top-1, BN re-estimated |",
+            "|---|---|---|---|---|---|",
         ]
         sweep = [r for r in res["rows"] if not r.get("at_target")]
         sweep += [r for r in ref.get("rows", []) if not r.get("at_target")]
@@ -468,7 +523,8 @@ def _markdown(results: list[dict], env: dict, plots: list[str]) -> str:
                 lines.append(f"| {r['method']} | {setting} | - | - | error: {r['error']} |")
                 continue
             lines.append(
-                f"| {r['method']} | {setting} | {_fmt(r['flops_removed'])} | {_fmt(r['params_removed'])} | {_fmt(r['top1'])} |"
+                f"| {r['method']} | {setting} | {_fmt(r['flops_removed'])} | {_fmt(r['params_removed'])} "
+                f"| {_fmt(r['top1'])} | {_fmt(r.get('top1_bn_recal'))} |"
             )
         lines.append("")
     lines += [f"![{p}](plots/{p})" for p in plots] + [""]
@@ -482,6 +538,10 @@ def _load_results() -> dict[str, dict]:
 
 
 def _write(results: dict[str, dict], env: dict) -> str:
+    if RESULTS_REF_JSON.exists():
+        for name, ref in json.loads(RESULTS_REF_JSON.read_text()).items():
+            if name in results:
+                results[name]["reference"] = ref
     ordered = [results[k] for k in sorted(results, key=lambda k: (k != "vgg", k))]
     atomic_write_text(RESULTS_JSON, json.dumps({"env": env, "results": ordered}, indent=1))
     plots = _plots(ordered)
@@ -510,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only (re)measure the reference and merge it into the existing results",
     )
+    ap.add_argument("--small-sweep", action="store_true", help="fewer sweep points (CPU time)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -537,20 +598,34 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] reference get_metrics: {secs} s", flush=True)
                 continue
             ft = _finetune_set(train_set, args.finetune_samples)
-            res = results[name]
-            res["reference"] = run_reference(ctx, sc.names(), args.ref_samples_per_class, ft)
-            res["reference"]["command"] = command
+            ref = run_reference(ctx, sc.names(), args.ref_samples_per_class, ft)
+            ref["command"] = command
+            ref["date"] = env["date"]
+            refs = json.loads(RESULTS_REF_JSON.read_text()) if RESULTS_REF_JSON.exists() else {}
+            refs[name] = ref
+            atomic_write_text(RESULTS_REF_JSON, json.dumps(refs, indent=1))
+            print(json.dumps(ref)[:3000], flush=True)
+            continue
         else:
-            res = run_model(name, args, train_set, test)
+
+            def partial(out: dict, name: str = name) -> None:
+                results[name] = out | {"command": command, "date": env["date"], "partial": True}
+                atomic_write_text(
+                    RESULTS_JSON,
+                    json.dumps({"env": env, "results": list(results.values())}, indent=1),
+                )
+
+            res = run_model(name, args, train_set, test, partial)
             res["command"] = command
             old = results.get(name, {})
             if "reference" not in res and "reference" in old:
                 res["reference"] = old["reference"]
             res["bench_seconds"] = round(time.perf_counter() - t0, 1)
         res["date"] = env["date"]
+        res.pop("partial", None)
         results[name] = res
         _write(results, env)
-    if not args.reference_metrics_only:
+    if not (args.reference_metrics_only or args.reference_only):
         print(_write(results, env))
     return 0
 

@@ -182,10 +182,11 @@ def run_model(name: str, ref_layers: int | None, r_layers: int, repeats: int) ->
     s_eval, s_train = ev_runs[0][1], tr_runs[0][1]
     names = s_eval.names()
     ref_names = names if ref_layers is None else names[:ref_layers]
-    t_ref, r_ref_gm, u_ref = reference(model, x, y, ref_names)
-    log(
-        f"{name} reference get_metrics on {len(ref_names)} layers: wall/cpu {t_ref.wall:.1f}/{t_ref.cpu:.1f}s"
-    )
+    t_ref, r_ref_gm, u_ref = reference(model, x, y, ref_names) if ref_names else (None, {}, {})
+    if t_ref is not None:
+        log(
+            f"{name} reference get_metrics on {len(ref_names)} layers: {t_ref.wall:.1f}/{t_ref.cpu:.1f}s"
+        )
     r_names = spread(names, r_layers)
     r_ref = reference_r(model, x, y, r_names, bn_eval=False)
     r_ref_eval = reference_r(model, x, y, r_names, bn_eval=True)
@@ -193,7 +194,7 @@ def run_model(name: str, ref_layers: int | None, r_layers: int, repeats: int) ->
     t_ours = {k: float(np.median([getattr(t, k) for t, _ in ev_runs])) for k in ("wall", "cpu")}
     t_compat = {k: float(np.median([getattr(t, k) for t, _ in tr_runs])) for k in ("wall", "cpu")}
     t_fb = {k: float(np.median([getattr(t, k) for t in fb])) for k in ("wall", "cpu")}
-    t_rf = {"wall": t_ref.wall, "cpu": t_ref.cpu}
+    t_rf = {"wall": t_ref.wall, "cpu": t_ref.cpu} if t_ref is not None else None
     per_layer = []
     for n in names:
         if n not in ref_names and n not in r_names:
@@ -211,32 +212,41 @@ def run_model(name: str, ref_layers: int | None, r_layers: int, repeats: int) ->
             row["rho_R_compat_vs_get_metrics"] = rho(s_train[n].R, r_ref_gm[n])
             row["rho_U_vs_get_metrics"] = rho(s_eval[n].U, u_ref[n])
         per_layer.append(row)
-    return {
+    res = {
         "model": name,
         "samples": int(len(x)),
         "layers_scored": len(names),
-        "reference_layers_timed": len(ref_names),
         "ours_s": t_ours,
         "ours_reference_compat_s": t_compat,
         "fwd_bwd_s": t_fb,
-        "reference_s": t_rf,
         "ratio_ours_over_fwd_bwd": {k: t_ours[k] / t_fb[k] for k in t_fb},
-        # measured: their time on the timed layers over ours on all layers (conservative)
-        "speedup_measured": {k: t_rf[k] / t_ours[k] for k in t_fb},
-        # extrapolated: their time per timed layer x all layers (when the reference ran partially)
-        "speedup_extrapolated": {
-            k: t_rf[k] / len(ref_names) * len(names) / t_ours[k] for k in t_fb
-        },
-        "reference_is_partial": len(ref_names) < len(names),
-        "per_layer": per_layer,
     }
+    if t_rf is not None:
+        res.update(
+            {
+                "reference_layers_timed": len(ref_names),
+                "reference_s": t_rf,
+                # measured: their time on the timed layers over ours on all layers (conservative)
+                "speedup_measured": {k: t_rf[k] / t_ours[k] for k in t_fb},
+                # extrapolated: their time per timed layer x all layers (partial reference runs)
+                "speedup_extrapolated": {
+                    k: t_rf[k] / len(ref_names) * len(names) / t_ours[k] for k in t_fb
+                },
+                "reference_is_partial": len(ref_names) < len(names),
+            }
+        )
+    res["per_layer"] = per_layer
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vgg16,resnet")
     ap.add_argument(
-        "--ref-layers", type=int, default=None, help="time the reference on the first N layers only"
+        "--ref-layers",
+        type=int,
+        default=None,
+        help="time the reference on the first N layers only (0: skip it)",
     )
     ap.add_argument("--r-layers", type=int, default=3, help="layers (spread) for the R comparison")
     ap.add_argument("--repeats", type=int, default=3)

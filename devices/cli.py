@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.errors import FairEdgeError
-from devices.config import METRICS, QUANTIZE, RUN_ON, RUNTIMES, WHERE, Options, resolve
+from devices.config import METRICS, QUANTIZE, ROUND_MODES, RUN_ON, RUNTIMES, WHERE, Options, resolve
 
 EXIT_ERROR = 2
 
@@ -42,6 +42,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "tod": {"type": float, "help": "tolerance of difference alpha, in (0, 1) (default 0.05)"},
     "target": {"type": float, "help": "share of --metric to remove (searches the ToD level)"},
     "metric": {"choices": METRICS, "help": "what --target counts"},
+    "latency_ms": {"type": float,
+                   "help": "plan for this p50 latency (ms) on --device instead of --tod/--target"},
     "plan": {"help": "a plan .json to apply instead of scoring"},
     "scores": {"help": "a scores .npz to plan from instead of scoring"},
     "samples_per_class": {"type": int, "help": "calibration samples per class for scoring"},
@@ -52,6 +54,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "run_on": {"choices": RUN_ON, "help": "where to measure (auto: board over SSH, emulated, or local)"},
     "round": {"action": argparse.BooleanOptionalAction,
               "help": "round kept channels to the profile's channel_multiple"},
+    "round_mode": {"choices": ROUND_MODES,
+                   "help": "auto: up for --tod (keeps accuracy), nearest for --target"},
     "quantize": {"choices": QUANTIZE, "help": "also build an int8 or fp16 variant"},
     "out": {"help": "output folder (default dist)"},
     "name": {"help": "bundle name (default <model>-<device>)"},
@@ -64,7 +68,7 @@ FLAGS: dict[str, dict[str, Any]] = {
 MODEL = ["model", "weights", "num_classes", "input_shape"]
 DATA = ["data", "seed"]
 SCORING = ["samples_per_class", "projections", "where", "cache"]
-PLANNING = ["device", "tod", "target", "metric", "round"]
+PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode"]
 MEASURE = ["device", "run_on", "runs", "warmup"]
 
 SUBCOMMANDS: dict[str, tuple[str, list[str]]] = {

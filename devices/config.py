@@ -23,6 +23,7 @@ QUANTIZE = ("none", "int8", "fp16")
 METRICS = ("flops", "params")
 WHERE = ("raw", "bn", "act")
 RUN_ON = ("auto", "local", "ssh", "emulated")
+ROUND_MODES = ("auto", "up", "nearest", "down")
 
 
 class ConfigError(FairEdgeError):
@@ -47,6 +48,9 @@ class Options:
     target: float | None = None
     """Remove this share of `metric` (0.3 = 30% of FLOPs; searches the ToD level) instead of --tod."""
     metric: str = "flops"
+    latency_ms: float | None = None
+    """Plan for this p50 latency on --device (searched with its measured latency model, then
+    confirmed by measuring where the device can be reached) instead of --tod or --target."""
     plan: str | None = None
     scores: str | None = None
     samples_per_class: int = 32
@@ -60,6 +64,9 @@ class Options:
     built, else local), local, ssh or emulated."""
     round: bool = True
     """Round kept channel counts to the profile's channel_multiple."""
+    round_mode: str = "auto"
+    """auto: up for a --tod plan (never prunes more than the ToD rule chose, so accuracy is kept),
+    nearest for a --target budget (lands closest to the requested share); or up/nearest/down."""
     quantize: str = "none"
     out: str = "dist"
     name: str | None = None
@@ -78,12 +85,18 @@ class Options:
             )
         if self.target is not None and not 0.0 < self.target < 1.0:
             raise ConfigError(f"--target is the share to remove, in (0, 1), got {self.target}")
+        if self.latency_ms is not None:
+            if not self.latency_ms > 0:
+                raise ConfigError(f"--latency-ms must be a positive number, got {self.latency_ms}")
+            if self.target is not None:
+                raise ConfigError("give either --target or --latency-ms, not both")
         for name, value, choices in (
             ("runtime", self.runtime, RUNTIMES),
             ("quantize", self.quantize, QUANTIZE),
             ("metric", self.metric, METRICS),
             ("where", self.where, WHERE),
             ("run_on", self.run_on, RUN_ON),
+            ("round_mode", self.round_mode, ROUND_MODES),
         ):
             if value not in choices:
                 raise ConfigError(

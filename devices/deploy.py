@@ -223,12 +223,29 @@ def make_plan(
     opts: Options,
     profile: DeviceProfile,
 ) -> Plan:
-    """The FAIR plan at --tod (or the smallest ToD reaching --target), rounded to the profile."""
+    """The FAIR plan at --tod (or the smallest ToD reaching --target or --latency-ms), rounded."""
     from exporters.costs import OnnxCostModel
     from exporters.graph_groups import find_groups
     from pipeline.planning import plan, plan_for_budget
 
     groups = find_groups(onnx_model)
+    if opts.latency_ms is not None:
+        from devices.latency_plan import plan_for_latency
+
+        found = plan_for_latency(
+            scores,
+            onnx_model,
+            profile,
+            opts.latency_ms,
+            groups,
+            rounding=opts.round,
+            mode=opts.round_mode,
+            model=model,
+        )
+        result = found.plan
+        summary = {k: v for k, v in found.to_json().items() if k not in ("plan", "latency_model")}
+        result.method["latency"] = json.loads(json.dumps(summary, default=float))
+        return result
     if opts.target is not None:
         result = plan_for_budget(
             scores,
@@ -243,7 +260,10 @@ def make_plan(
     if opts.round and profile.channel_multiple > 1:
         from pipeline.rounding import round_plan
 
-        result = round_plan(result, scores, profile.channel_multiple, groups=groups)
+        mode = opts.round_mode
+        if mode == "auto":
+            mode = "nearest" if opts.target is not None else "up"
+        result = round_plan(result, scores, profile.channel_multiple, mode=mode, groups=groups)
     return result
 
 

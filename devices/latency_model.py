@@ -57,6 +57,9 @@ _PASS_THROUGH = {
 _ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"}
 
 
+MIN_PREDICTION_MS = 1e-3
+
+
 class LatencyModelError(FairEdgeError):
     """A model the latency tables cannot be built for, or a table file that cannot be used."""
 
@@ -155,7 +158,10 @@ class LatencyModel:
         """
         kept = kept_counts(plan_or_kept)
         offset = self.base_ms if self.offset_ms is None else self.offset_ms
-        return offset + self.scale * self.layers_ms(kept)
+        # isolated kernel timings can sum past the whole model's time, so the linear model may
+        # go to zero or below for a heavily pruned plan; no run is faster than the session's
+        # own per-run overhead (or 1 us)
+        return max(offset + self.scale * self.layers_ms(kept), self.overhead_ms, MIN_PREDICTION_MS)
 
     def breakdown(self, plan_or_kept: Plan | Mapping[str, int]) -> dict[str, float]:
         kept = kept_counts(plan_or_kept)

@@ -305,12 +305,16 @@ def save_model(onnx_model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 
 def prune_onnx_file(
-    src: str | os.PathLike, plan: Plan, dst: str | os.PathLike, verify_inputs: object = None
+    src: str | os.PathLike,
+    plan: Plan,
+    dst: str | os.PathLike,
+    verify_inputs: object = None,
+    tol: float = DEFAULT_TOL,
 ) -> SurgeryReport:
     """Load, prune, verify and atomically write: on any error nothing is written at `dst`."""
     from exporters.onnx_export import load_onnx
 
     model = load_onnx(src)
-    result, report = apply_plan(model, plan, verify_inputs=verify_inputs)
+    result, report = apply_plan(model, plan, verify_inputs=verify_inputs, tol=tol)
     save_model(result, dst)
     return report

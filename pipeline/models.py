@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 
-def _conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+def _conv_bn_relu(
+    cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -51,7 +53,24 @@ class SmallCNN(nn.Module):
 
 
 VGG16_CFG: tuple[int | str, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
 )
 VGG_SMALL_CFG: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M")
 
@@ -78,7 +97,10 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            nn.Flatten(),
+            nn.Linear(c, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +199,9 @@ class MobileNet(nn.Module):
 class MLP(nn.Module):
     """A plain multilayer perceptron (e.g. for the 8x8 scikit-learn digits, 64 inputs)."""
 
-    def __init__(self, in_features: int = 64, hidden: Sequence[int] = (64, 32), num_classes: int = 10) -> None:
+    def __init__(
+        self, in_features: int = 64, hidden: Sequence[int] = (64, 32), num_classes: int = 10
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         c = in_features

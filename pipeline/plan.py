@@ -155,14 +155,18 @@ class Plan:
                 for name, v in data["layers"].items()
             }
             plan = cls(
-                fingerprint=ModelFingerprint(fp["digest"], {k: list(s) for k, s in fp["shapes"].items()}),
+                fingerprint=ModelFingerprint(
+                    fp["digest"], {k: list(s) for k, s in fp["shapes"].items()}
+                ),
                 layers=layers,
                 method=dict(data.get("method", {})),
                 groups=[ChannelGroup.from_json(g) for g in data.get("groups", [])],
                 version=int(data["version"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"plan file is malformed ({type(exc).__name__}: {exc}); re-create it") from exc
+            raise PlanError(
+                f"plan file is malformed ({type(exc).__name__}: {exc}); re-create it"
+            ) from exc
         for lp in plan.layers.values():
             lp.validate()
         return plan

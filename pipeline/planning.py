@@ -92,11 +92,17 @@ def _targets(
                     "the groups belong to another model"
                 )
         live.append(g)
+    changed = True
+    while changed:  # a group touching a held layer is held whole, transitively
+        changed = False
+        for g in live:
+            if any(m in held for m in g.members) and not all(m in held for m in g.members):
+                for m in g.members:
+                    held.setdefault(m, f"group {g.name!r} shares a layer with a held group")
+                changed = True
     targets: list[_Target] = []
     for g in live:
         if any(m in held for m in g.members):
-            for m in g.members:
-                held.setdefault(m, f"group {g.name!r} shares a layer with a frozen group")
             continue
         for m in g.members:
             if m in grouped:

@@ -136,15 +136,24 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scores:
+        where = os.fspath(path)
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            obj = np.load(path, allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise ScoringError(f"score file {where!r} does not exist") from exc
+        except (OSError, ValueError, EOFError) as exc:
+            raise ScoringError(
+                f"score file {where!r} is not an .npz file ({exc}); re-run scoring"
+            ) from exc
+        if not isinstance(obj, np.lib.npyio.NpzFile):
+            raise ScoringError(f"score file {where!r} is a single array, not a fair-edge .npz")
+        try:
+            with obj as npz:
                 meta = json.loads(bytes(npz["meta"]).decode("utf-8"))
                 arrays = {k: npz[k] for k in npz.files if k != "meta"}
-        except FileNotFoundError as exc:
-            raise ScoringError(f"score file {os.fspath(path)!r} does not exist") from exc
         except (OSError, ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ScoringError(
-                f"score file {os.fspath(path)!r} is not a fair-edge score file ({exc}); re-run scoring"
+                f"score file {where!r} is not a fair-edge score file ({exc}); re-run scoring"
             ) from exc
         return cls.from_parts(meta, arrays, source=os.fspath(path))
 

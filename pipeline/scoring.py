@@ -743,10 +743,15 @@ def _run_pass(
                         )
                     if g is None:
                         continue
-                    prod = a.float() * g.float()
-                    ch = 1 if probe.kinds[name] == "conv" else prod.dim() - 1
-                    r = prod.sum(dim=[d for d in range(prod.dim()) if d != ch])
-                    r_signed[name] += r.double()
+                    af, gf, b = a.float(), g.float(), a.shape[0]
+                    if probe.kinds[name] == "conv":  # per sample and channel, then over samples
+                        r = torch.linalg.vecdot(
+                            af.reshape(b, a.shape[1], -1), gf.reshape(b, a.shape[1], -1)
+                        )
+                    else:
+                        f = a.shape[-1]
+                        r = torch.linalg.vecdot(af.reshape(b, -1, f), gf.reshape(b, -1, f), dim=1)
+                    r_signed[name] += r.sum(dim=0).double()
             st.raw.clear()
             st.chain.clear()
             st.chain_bn.clear()

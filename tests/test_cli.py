@@ -18,6 +18,7 @@ from devices.cli import SUBCOMMANDS, build_parser, main
 from devices.config import ConfigError, Options, load_config, resolve
 from devices.profile import list_profiles
 from pipeline.models import SmallCNN
+from pipeline.plan import Plan
 
 MODEL_FILE = """
 import torch
@@ -25,6 +26,10 @@ from pipeline.models import SmallCNN
 
 def small(num_classes=10):
     return SmallCNN(in_channels=1, num_classes=num_classes, width=8)
+
+def wide(num_classes=10):
+    return SmallCNN(in_channels=1, num_classes=num_classes, width=48)
+
 
 def broken():
     raise RuntimeError("factory exploded")
@@ -211,6 +216,32 @@ def test_score_plan_prune_with_an_entry_point(model_file: Path, tmp_path: Path) 
     assert Path(pruned["model"]).is_file()
     assert rep["params_after"] <= rep["params_before"]
     assert rep["params_after"] < rep["params_before"] or plan["pruned_units"] == 0
+
+
+def test_plan_for_a_latency_on_the_host(model_file: Path, tmp_path: Path) -> None:
+    """`plan --latency-ms` searches the ToD level with the host's latency model and measures it."""
+    common = ["--model", f"{model_file}:wide", "--data", "fashion-mnist:test",
+              "--samples-per-class", "4", "--projections", "8", "--out", str(tmp_path / "out"),
+              "--json", "--quiet", "--device", "host"]  # fmt: skip
+    results = []
+    for target in (1000.0, None):
+        if target is None:  # 80% of the unpruned model's predicted time: must prune
+            target = 0.8 * results[0]["unpruned_predicted_ms"]
+        code, out, err = _run(["plan", *common, "--latency-ms", str(target)])
+        assert code == 0, err
+        saved = Plan.load(json.loads(out)["plan"])
+        lat = saved.method["latency"]
+        assert lat["target_ms"] == pytest.approx(target) and lat["profile"] == "host"
+        assert lat["measured_ms"] is not None and lat["attempts"]
+        results.append({**lat, "pruned": saved.pruned_units()})
+    loose, tight = results
+    assert loose["predicted_ms"] <= 1000.0
+    assert tight["pruned"] > 0
+    for att in tight["attempts"]:  # each search met its goal; the goal follows the measurements
+        assert att["predicted_ms"] <= att["model_target_ms"] * (1 + 1e-9)
+        assert att["measured_ms"] > 0
+    assert "--latency-ms must be a positive" in _error(["plan", "--latency-ms", "-1"])
+    assert "not both" in _error(["plan", "--latency-ms", "5", "--target", "0.3"])
 
 
 def test_console_script_prints_one_line_and_exits_2() -> None:

@@ -94,6 +94,12 @@ def test_groups_sum_scores_and_prune_together(resnet_scores) -> None:
     p = plan(s, 0.3, groups=[frozen])
     assert p.layers["stem.0"].pruned == [] and p.layers["layers.0.conv2"].pruned == []
     assert "frozen" in p.method["held"]["stem.0"]
+    chained = [frozen, ChannelGroup("b", ["layers.0.conv2", "layers.0.conv1"], 8)]
+    p = plan(s, 0.3, groups=chained[::-1])  # held through the shared layer, in any order
+    assert (
+        p.layers["layers.0.conv1"].pruned == []
+        and "held group" in p.method["held"]["layers.0.conv1"]
+    )
     with_output = ChannelGroup("out", ["layers.1.conv2", "fc"], 16)
     with pytest.raises(PlanError, match="channels"):
         plan(s, 0.3, groups=[ChannelGroup("x", ["stem.0", "layers.1.conv2"], 8)])

@@ -369,7 +369,11 @@ def test_save_load_roundtrip(tmp_path) -> None:
         assert np.array_equal(s[n].U, t[n].U) and np.array_equal(s[n].R, t[n].R)
     np.save(tmp_path / "bad.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "bad.npz").write_bytes((tmp_path / "bad.npy").read_bytes())
-    for bad in ("bad.npz", "missing.npz"):
+    np.save(tmp_path / "plain.npy", np.arange(3))
+    (tmp_path / "plain.npz").write_bytes((tmp_path / "plain.npy").read_bytes())
+    (tmp_path / "text.npz").write_text("not scores")
+    np.savez(tmp_path / "other.npz", a=np.arange(3))
+    for bad in ("bad.npz", "missing.npz", "plain.npz", "text.npz", "other.npz"):
         with pytest.raises(ScoringError):
             Scores.load(tmp_path / bad)
 
