@@ -15,7 +15,6 @@ tables of bench/RESULTS-accuracy.md (text after the notes marker is kept).
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import io
 import json
@@ -33,6 +32,7 @@ from bench.accuracy_models import BUILDERS, FULL_EPOCH, VGG_FM_CFG, trained
 from calibration.data import CalibrationSet
 from calibration.fileio import atomic_write_bytes, atomic_write_text, cache_dir
 from calibration.sampling import balanced_sample
+from exporters.bn_recal import recalibrate_bn
 from exporters.costs import OnnxCostModel, count_cost
 from exporters.graph_groups import find_groups
 from exporters.onnx_export import export_onnx
@@ -88,7 +88,7 @@ class Context:
             "flops_removed": 1 - rem["flops"],
             "params_removed": 1 - rem["params"],
             "top1": evaluate(pruned, self.test),
-            "top1_bn_recal": evaluate(recalibrate_bn(pruned, self.calib), self.test),
+            "top1_bn_recal": evaluate(recalibrate(pruned, self.calib), self.test),
             "kept": {n: lp.kept for n, lp in plan.layers.items()},
             "units": {n: lp.n_units for n, lp in plan.layers.items()},
         }
@@ -101,21 +101,9 @@ class Context:
         return evaluate(pruned, self.test)
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, calib: CalibrationSet) -> nn.Module:
-    """Re-estimate BatchNorm running statistics on the calibration inputs (no gradient step).
-
-    Removing channels shifts the inputs of later layers, so the stored BN statistics go stale;
-    one forward pass over the calibration samples (cumulative average) refreshes them.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x, _ in calib.batches(64):
-        model(x)
-    return model.eval()
+def recalibrate(model: nn.Module, calib: CalibrationSet) -> nn.Module:
+    """The model with BatchNorm statistics re-estimated on the calibration inputs (no training)."""
+    return recalibrate_bn(model, calib.inputs)[0]
 
 
 def _ref_count(d_order: list[int], re_order: list[int], level: float) -> int:
@@ -227,7 +215,7 @@ def run_reference(ctx: Context, layers: list[str], spc: int, ft: CalibrationSet 
             "flops_removed": 1 - cost.flops / ctx.base.flops,
             "params_removed": 1 - cost.params / ctx.base.params,
             "top1": evaluate(model, ctx.test),
-            "top1_bn_recal": evaluate(recalibrate_bn(copy.deepcopy(model), ctx.calib), ctx.test),
+            "top1_bn_recal": evaluate(recalibrate(model, ctx.calib), ctx.test),
             "kept": {n: int(model.get_submodule(n).weight.shape[0]) for n in layers},
             "units": {n: int(ctx.model.get_submodule(n).weight.shape[0]) for n in layers},
             "at_target": lvl == pick,
@@ -271,7 +259,7 @@ def run_model(
         "model": name,
         "trained": ctx.meta,
         "base_top1": evaluate(ctx.model, test),
-        "base_top1_bn_recal": evaluate(recalibrate_bn(copy.deepcopy(ctx.model), calib), test),
+        "base_top1_bn_recal": evaluate(recalibrate(ctx.model, calib), test),
         "base_flops": ctx.base.flops,
         "base_params": ctx.base.params,
         "calibration": calib.to_json() | {"sampling": report.to_json()},

@@ -57,6 +57,10 @@ FLAGS: dict[str, dict[str, Any]] = {
     "round_mode": {"choices": ROUND_MODES,
                    "help": "auto: up for --tod (keeps accuracy), nearest for --target"},
     "quantize": {"choices": QUANTIZE, "help": "also build an int8 or fp16 variant"},
+    "recalibrate_bn": {"action": argparse.BooleanOptionalAction,
+                       "help": "re-estimate BatchNorm statistics of the pruned model on the "
+                               "calibration data, no training (default: when the PyTorch model "
+                               "has BatchNorm)"},
     "out": {"help": "output folder (default dist)"},
     "name": {"help": "bundle name (default <model>-<device>)"},
     "eval_samples": {"type": int, "help": "evaluation samples for accuracy (default 2000)"},
@@ -82,7 +86,8 @@ SUBCOMMANDS: dict[str, tuple[str, list[str]]] = {
     "bench": ("time model files on a device (two files: original and pruned, one run)", MEASURE),
     "deploy": ("the whole chain: score, plan, prune, convert, measure, bundle",
                MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
-               + ["plan", "scores", "runtime", "quantize", "run_on", "runs", "warmup", "out", "name"]),
+               + ["plan", "scores", "recalibrate_bn", "runtime", "quantize", "run_on", "runs",
+                  "warmup", "out", "name"]),
     "report": ("verify a bundle's hashes and print its report", []),
     "devices": ("list the device profiles", []),
 }  # fmt: skip

@@ -67,6 +67,10 @@ class Options:
     round_mode: str = "auto"
     """auto: up for a --tod plan (never prunes more than the ToD rule chose, so accuracy is kept),
     nearest for a --target budget (lands closest to the requested share); or up/nearest/down."""
+    recalibrate_bn: bool | None = None
+    """Re-estimate BatchNorm statistics of the pruned model on the calibration inputs (one
+    forward pass, no weight change): recovers much of the one-shot accuracy loss. None (the
+    default): whenever the PyTorch model is at hand and has BatchNorm layers."""
     quantize: str = "none"
     out: str = "dist"
     name: str | None = None

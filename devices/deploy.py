@@ -472,8 +472,33 @@ def deploy(
                 notes.append(
                     f"the plan removes no unit at ToD {opts.tod}; raise --tod or set --target"
                 )
+        pruned_model = None
+        bn_recal: dict[str, Any] | None = None
         with _stage("surgery", timings, bar):
             pruned_proto, surgery = apply_plan(original_proto, the_plan, verify_inputs=verify_x)
+            from exporters.bn_recal import batchnorm_layers, recalibrate_onnx
+
+            recal = opts.recalibrate_bn
+            if recal is None:  # auto: whenever it can be done
+                recal = model is not None and bool(batchnorm_layers(model))
+            if recal:
+                if model is None:
+                    raise DeployError(
+                        "--recalibrate-bn needs the PyTorch model; an ONNX input cannot be "
+                        "recalibrated (drop the flag or give --model as PyTorch)"
+                    )
+                pruned_model = prune_torch_model(
+                    model, the_plan, example_input(inp.calibration), original_proto
+                )
+                recal_x = calibration_subset(inp.calibration, INT8_CALIBRATION, opts.seed)
+                pruned_model, pruned_proto, rep = recalibrate_onnx(
+                    pruned_model, pruned_proto, recal_x, verify_x
+                )
+                bn_recal = rep.to_json()
+                notes.append(
+                    f"BatchNorm statistics of {rep.layers} layers re-estimated on {rep.samples} "
+                    "calibration samples (no training)"
+                )
             raw_pruned = work / "pruned.raw.onnx"
             save_model(pruned_proto, raw_pruned)
         with _stage("simplify", timings, bar):
@@ -487,11 +512,10 @@ def deploy(
         want_tflite = opts.runtime == "tflite" or (
             opts.runtime == "auto" and profile.runtime("tflite") is not None
         )
-        pruned_model = None
         with _stage("tflite", timings, bar):
             if want_tflite:
-                pruned_model = _tflite(opts, inp, model, original_proto, the_plan, pruned_onnx, original_onnx, work, verify_x,
-                        tflite_files, tflite_reports, notes)  # fmt: skip
+                pruned_model = _tflite(opts, inp, model, pruned_model, original_proto, the_plan, pruned_onnx, original_onnx,
+                        work, verify_x, tflite_files, tflite_reports, notes)  # fmt: skip
         variants: list[dict[str, Any]] = []
         variant_files: dict[str, Path] = {}
         with _stage("quantize", timings, bar):
@@ -565,6 +589,7 @@ def deploy(
                     "accuracy": [acc_orig, acc_pruned],
                 },
                 "variants": variants,
+                "bn_recalibration": bn_recal,
                 "notes": notes,
             }
             if len(comparisons) > 1:
@@ -630,6 +655,7 @@ def deploy(
                     },
                     "size_bytes": {"before": size_o, "after": size_p},
                     "variants": variants,
+                    "bn_recalibration": bn_recal,
                 },
                 "ratios": summary["ratios"],
                 "tool_versions": tool_versions(),
@@ -660,6 +686,7 @@ def _tflite(
     opts: Options,
     inp: Inputs,
     model: torch.nn.Module | None,
+    pruned_model: torch.nn.Module | None,
     original_proto: onnx.ModelProto,
     the_plan: Plan,
     pruned_onnx: Path,
@@ -679,7 +706,8 @@ def _tflite(
         notes.append("TFLite skipped: the model came as ONNX (TFLite converts from PyTorch)")
         return None
     x0 = example_input(inp.calibration)
-    pruned_model = prune_torch_model(model, the_plan, x0, original_proto)
+    if pruned_model is None:
+        pruned_model = prune_torch_model(model, the_plan, x0, original_proto)
     pruned_tfl = convert_tflite(pruned_model, x0, work / "model.tflite")
     labels = None
     reports["pruned"] = verify_tflite(pruned_tfl, pruned_onnx, verify_x, labels).to_json()
