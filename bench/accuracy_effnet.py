@@ -23,13 +23,16 @@ import torch
 
 from calibration.data import CalibrationSet, Preprocessing
 from calibration.pseudo_labels import agreement, pseudo_label
+from exporters.bn_recal import recalibrate_onnx
 from exporters.costs import OnnxCostModel
 from exporters.graph_groups import find_groups
 from exporters.onnx_export import export_onnx
 from exporters.surgery import apply_plan
+from exporters.torch_prune import prune_torch
 from pipeline.baselines import l1_importance, uniform_plan_for_budget
 from pipeline.plan import ModelFingerprint
 from pipeline.planning import plan_for_budget
+from pipeline.rounding import round_plan
 from pipeline.scoring import score
 from pipeline.zoo import efficientnet_lite0
 
@@ -157,8 +160,10 @@ def run(targets: list[float], n_calib: int, n_held: int, repeats: int, spc: int)
     l1 = l1_importance(model, scores.names())
     fp = ModelFingerprint.from_model(model)
     for t in targets:
+        fair = plan_for_budget(scores, t, "flops", cost, groups, model, strict=False)
         plans = {
-            "fair": plan_for_budget(scores, t, "flops", cost, groups, model, strict=False),
+            "fair": fair,
+            "fair-rounded8": round_plan(fair, scores, 8, "nearest", groups=groups),
             "uniform-l1": uniform_plan_for_budget(l1, t, cost, fp, groups),
         }
         sessions = {"unpruned": base}
@@ -167,6 +172,11 @@ def run(targets: list[float], n_calib: int, n_held: int, repeats: int, spc: int)
             pruned, report = apply_plan(proto, p, verify_inputs=held[:4])
             sess = _ort(pruned)
             out = _outputs(sess, held)
+            # the same pruned graph with BatchNorm statistics re-estimated on the calibration
+            # crops (what `fair-edge deploy` ships by default)
+            small = prune_torch(model, p, x1, proto)
+            _, recal, _ = recalibrate_onnx(small, pruned, calib.inputs, held[:4])
+            out_recal = _outputs(_ort(recal), held)
             rem = cost.remaining(p)
             rows[name] = {
                 "method": name,
@@ -175,6 +185,8 @@ def run(targets: list[float], n_calib: int, n_held: int, repeats: int, spc: int)
                 "params_removed": 1 - rem["params"],
                 "top1_agreement": agreement(ref_out, out, 1),
                 "top5_agreement": agreement(ref_out, out, 5),
+                "top1_agreement_bn_recal": agreement(ref_out, out_recal, 1),
+                "top5_agreement_bn_recal": agreement(ref_out, out_recal, 5),
                 "setting": p.method.get("alpha", p.method.get("ratio")),
             }
             sessions[name] = sess

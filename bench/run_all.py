@@ -1,7 +1,8 @@
 """Run every benchmark in turn (`make bench`); each prints its ratios and the command to record.
 
 Each benchmark runs in its own process so one failing (e.g. the reference package missing)
-does not hide the others; the exit code is non-zero if any failed.
+does not hide the others; the exit code is non-zero if any failed. The scoring benchmark needs
+the authors' package beside torch: it runs in bench/.env (built by bench/setup_reference_env.sh).
 """
 
 from __future__ import annotations
@@ -10,13 +11,21 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-BENCHMARKS = (
-    "bench.bench_scoring",
-    "bench.bench_surgery",
-    "bench.bench_runner_spread",
-    "bench.bench_latency",
-    "bench.bench_accuracy",
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_PYTHON = ROOT / "bench" / ".env" / "bin" / "python"
+
+# (module, extra arguments, needs the reference environment)
+BENCHMARKS: tuple[tuple[str, list[str], bool], ...] = (
+    ("bench.bench_scoring", [], True),
+    ("bench.bench_surgery", [], False),
+    ("bench.bench_host_profile", [], False),
+    ("bench.bench_runner_spread", [], False),
+    ("bench.bench_channel_multiple", [], False),
+    ("bench.bench_latency", ["--out", "bench/RESULTS-latency.md"], False),
+    ("bench.bench_accuracy", ["--models", "vgg,resnet", "--finetune-samples", "2000"], False),
+    ("bench.accuracy_effnet", [], False),
 )
 
 
@@ -24,11 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("only", nargs="*", help="benchmark modules to run (default: all)")
     args = parser.parse_args(argv)
+    chosen = [b for b in BENCHMARKS if not args.only or b[0] in args.only]
+    unknown = set(args.only) - {b[0] for b in BENCHMARKS}
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    if any(ref for _, _, ref in chosen) and not REFERENCE_PYTHON.exists():
+        subprocess.check_call(["bash", str(ROOT / "bench" / "setup_reference_env.sh")])
     failed = []
-    for module in args.only or BENCHMARKS:
-        print(f"=== {module}", flush=True)
+    for module, extra, reference in chosen:
+        python = str(REFERENCE_PYTHON) if reference else sys.executable
+        print(f"=== {module} {' '.join(extra)}", flush=True)
         start = time.perf_counter()
-        rc = subprocess.call([sys.executable, "-m", module])
+        rc = subprocess.call([python, "-m", module, *extra], cwd=ROOT)
         print(f"=== {module}: exit {rc} after {time.perf_counter() - start:.0f} s", flush=True)
         if rc:
             failed.append(module)
