@@ -360,3 +360,11 @@ def test_disk_full_while_writing_the_bundle(
     )
     assert len(err.strip().splitlines()) == 1
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_tiny_model_latency_is_flagged_as_noise(host: dict) -> None:
+    """A sub-millisecond original gets a note that its latency ratio is within noise."""
+    summary = host["result"]["summary"]
+    p50 = summary["metrics"]["latency_p50_ms"][0]
+    flagged = any("within measurement noise" in n for n in summary["notes"])
+    assert flagged == (p50 < 1.0), (p50, summary["notes"])
