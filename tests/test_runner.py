@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ from devices.board import runner
 from devices.errors import DeviceError
 from devices.local import run_local
 from devices.measurement import Measurement
-from devices.runspec import RUNNER_PATH
+from devices.profile import load_profile
+from devices.runspec import RUNNER_PATH, RunSpec, runner_args
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +165,16 @@ def test_runner_failures_are_json_with_exit_codes(models: dict[str, Path], tmp_p
         run_local(tmp_path / "missing.onnx", "host")
     with pytest.raises(DeviceError, match="unknown run setting"):
         run_local(models["onnx"], "host", rnus=3)
+
+
+def test_runner_pins_itself_only_when_cpus_are_left_free(models: dict[str, Path]) -> None:
+    """`--pin` binds the runner to its last `threads` CPUs (read back from the OS)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    code, res = _runner(str(models["onnx"]), "--threads", "1", "--runs", "3", "--pin")
+    assert code == 0 and res["pinned_cpus"] == (cpus[-1:] if len(cpus) > 1 else None)
+    code, res = _runner(str(models["onnx"]), "--threads", str(len(cpus)), "--runs", "3", "--pin")
+    assert code == 0 and res["pinned_cpus"] is None
+    code, res = _runner(str(models["onnx"]), "--threads", "1", "--runs", "3")
+    assert code == 0 and res["pinned_cpus"] is None
+    assert "--pin" in runner_args(RunSpec(), load_profile("host"), "m.onnx")
+    assert "--pin" not in runner_args(RunSpec(pin=False), load_profile("host"), "m.onnx")

@@ -352,6 +352,7 @@ def run(args):
 
     rng = np.random.default_rng(args.seed)
     providers = [p for p in (args.providers or "").split(",") if p]
+    pinned = pin_cpus(args.threads) if args.pin else None
     rss_before = rss_mb()
     t0 = time.perf_counter()
     if runtime == "onnxruntime":
@@ -391,6 +392,7 @@ def run(args):
             },
             "runtime": info,
             "threads": args.threads,
+            "pinned_cpus": pinned,
             "load_s": load_s,
             "warmup": args.warmup,
             "runs": len(samples),
@@ -455,6 +457,12 @@ def parse_args(argv):
         default=[],
         help="manifest / hash list to verify before running (repeatable)",
     )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the process to the last `threads` CPUs when that leaves others free "
+        "(steadier timings: no migration between cores)",
+    )
     p.add_argument("--bundle-dir", default=None, help="root the hash list is relative to")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
@@ -465,6 +473,25 @@ def parse_args(argv):
             EXIT_ARGS, "bad_arguments", "runs must be >= 1, warmup and threads >= 0"
         )
     return args
+
+
+def pin_cpus(threads):
+    """Pin this process to the last `threads` allowed CPUs (CPU 0 takes most interrupts).
+
+    Only when `threads` is fewer than the allowed CPUs; returns the CPUs pinned to, or None
+    when nothing was pinned (all CPUs wanted, or no affinity call on this system).
+    """
+    if not threads or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+        if threads >= len(allowed):
+            return None
+        chosen = allowed[-threads:]
+        os.sched_setaffinity(0, chosen)
+        return sorted(os.sched_getaffinity(0))  # what the system now applies
+    except OSError:
+        return None
 
 
 def emit(result, out):
