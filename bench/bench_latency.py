@@ -4,7 +4,7 @@ Part 1, per model (torchvision resnet18 / mobilenet_v2 at 224, and the Fashion-M
 SmallCNN / VGG-small / ResNet at 1x28x28; untrained weights: latency does not depend on them):
 plan for 30% and 50% FLOPs reduction (FAIR scores on random labelled inputs, exact ONNX FLOPs),
 prune for real (verified surgery), and measure the latency reduction without rounding and with
-rounding to 4 and 8 channels. All variants of one model are timed in interleaved rounds, side by
+rounding to 4, 8 and 16 channels. All variants of one model are timed in interleaved rounds, side by
 side, so load on the machine hits them alike. Ratio = latency reduction / FLOPs reduction of the
 unrounded plan (target with rounding: >= 0.9).
 
@@ -44,6 +44,7 @@ from devices.latency_model import (
     uniform_counts,
 )
 from devices.latency_plan import plan_for_latency
+from devices.profile import load_profile
 from exporters.costs import OnnxCostModel
 from exporters.graph_groups import find_groups
 from exporters.onnx_export import export_onnx
@@ -56,7 +57,8 @@ from pipeline.rounding import round_plan
 from pipeline.scoring import score
 from pipeline.zoo import torchvision_model
 
-MULTIPLES = (4, 8)
+MULTIPLES = (4, 8, 16)
+HOST_MULTIPLE = load_profile("host").channel_multiple  # detected from this CPU
 
 
 def _export(model: torch.nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
@@ -201,12 +203,12 @@ def part1(args, lines: list[str], models_out: dict) -> None:
 
 def part2(args, lines: list[str], models_out: dict, lms: dict[str, LatencyModel]) -> None:
     lines += [
-        "## 2. Latency-model accuracy (held-out random plans, rounded to 8)",
+        f"## 2. Latency-model accuracy (held-out random plans, rounded to {HOST_MULTIPLE})",
         "",
         "Tables: per Conv/Gemm, single-op ONNX models over a 4x4 grid of (input, output) channel "
-        "counts (25/50/75/100%, multiples of 8), each the op's best kernel time over "
+        f"counts (25/50/75/100%, multiples of {HOST_MULTIPLE}), each the op's best kernel time over "
         f"{args.table_repeats} profiled runs. Held-out plans: random channel removal of 30-50% per "
-        "group (exporters.random_plan), rounded to 8, pruned by the verified surgery and measured "
+        f"group (exporters.random_plan), rounded to {HOST_MULTIPLE}, pruned by the verified surgery and measured "
         f"whole (ORT-profiled latency, best of {args.rounds} sessions), right after the tables "
         "were built (no cache). Calibrated: offset and scale fitted on the unpruned model and two "
         "other (uniform 50% / 75%) plans, measured at the same time.",
@@ -217,7 +219,7 @@ def part2(args, lines: list[str], models_out: dict, lms: dict[str, LatencyModel]
     for label, d in models_out.items():
         proto, groups, model, scores = d["proto"], d["groups"], d["model"], d["scores"]
         lm = build_latency_model(
-            proto, "host", threads=args.threads, multiple=8, repeats=args.table_repeats,
+            proto, "host", threads=args.threads, multiple=HOST_MULTIPLE, repeats=args.table_repeats,
             cache=False,
         )  # fmt: skip
         lms[label] = lm
@@ -226,7 +228,7 @@ def part2(args, lines: list[str], models_out: dict, lms: dict[str, LatencyModel]
             round_plan(
                 random_plan(groups, 0.3 + 0.05 * s, 100 + s, fp),
                 scores,
-                8,
+                HOST_MULTIPLE,
                 "nearest",
                 groups=groups,
             )
@@ -313,7 +315,13 @@ def part3(args, lines: list[str], models_out: dict, lms: dict[str, LatencyModel]
     hits = 0
     for f in fractions:
         target = f * lm.full_ms
-        r = plan_for_latency(scores, proto, "host", target, groups, latency_model=lm, model=model)
+        try:
+            r = plan_for_latency(
+                scores, proto, "host", target, groups, latency_model=lm, model=model
+            )
+        except Exception as exc:  # report an unreachable target as a row, keep going
+            lines.append(f"| {target:.3f} ({f:.0%}) | - | - | - | - | no: {exc} | - | - | - | - |")
+            continue
         pruned = apply_plan(proto, r.plan)[0]
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "p.onnx"
@@ -346,7 +354,7 @@ def part3(args, lines: list[str], models_out: dict, lms: dict[str, LatencyModel]
             try:
                 r = plan_for_latency(
                     d["scores"], d["proto"], "host", target, d["groups"], latency_model=lm,
-                    rounding=8, model=d["model"],
+                    rounding=True, model=d["model"],
                 )  # fmt: skip
             except Exception as exc:  # report an unreachable target as a row, keep going
                 lines.append(f"| {target:.3f} ({f:.0%}) | - | - | - | - | no: {exc} | - | - | - |")

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import os
+import platform
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,33 @@ def _convert(value: Any, type_name: str, where: str, name: str) -> Any:
     raise ProfileError(f"{where}: field '{name}' has an unsupported type {type_name}")
 
 
+def native_channel_multiple(cpuinfo: str | None = None) -> tuple[int, str]:
+    """The channel multiple of the CPU running this, from its SIMD flags, and why.
+
+    ONNX Runtime's CPU convolutions work on blocks of as many output channels as one SIMD
+    register holds fp32 values, so a layer costs what the next full block costs: measured 16 on
+    an AVX-512 Xeon VM and 8 on an AVX2 EPYC VM (bench.bench_channel_multiple, see
+    bench/RESULTS-latency.md); NEON holds 4.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if "avx512f" in flags:
+        return 16, "detected on this machine: AVX-512 (16 fp32 lanes; measured blocks of 16)"
+    if "avx2" in flags or "avx" in flags:
+        return 8, "detected on this machine: AVX2 (8 fp32 lanes; measured blocks of 8)"
+    if "asimd" in flags or platform.machine().lower() in ("aarch64", "arm64"):
+        return 4, "detected on this machine: NEON (4 fp32 lanes)"
+    return 4, "detected on this machine: no AVX or NEON flags found, 4 assumed"
+
+
 def _validate(p: DeviceProfile, where: str) -> DeviceProfile:
     def bad(name: str, why: str) -> ProfileError:
         return ProfileError(f"{where}: field '{name}' {why}")
@@ -204,6 +232,10 @@ def _validate(p: DeviceProfile, where: str) -> DeviceProfile:
         raise bad("threads", f"must be >= 0 (0 = all cores of the machine), got {p.threads}")
     if p.ram_gb <= 0:
         raise bad("ram_gb", f"must be > 0, got {p.ram_gb}")
+    if p.channel_multiple == 0 and p.arch == "native":
+        p.channel_multiple, p.channel_multiple_source = native_channel_multiple()
+    elif p.channel_multiple == 0:
+        raise bad("channel_multiple", "0 (detect on this machine) is only for arch 'native'")
     if p.channel_multiple < 1:
         raise bad("channel_multiple", f"must be >= 1, got {p.channel_multiple}")
     for i, r in enumerate(p.runtimes):

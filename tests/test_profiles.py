@@ -160,3 +160,15 @@ def test_estimate_is_never_compared_with_a_measurement() -> None:
     with pytest.raises(DeviceError, match="estimates are reported separately"):
         Comparison(e, e)  # type: ignore[arg-type]
     assert np.isfinite(e.latency_ms)
+
+
+def test_host_channel_multiple_is_detected_from_the_cpu_flags() -> None:
+    """host.toml says 0: the multiple comes from this CPU's SIMD width, stated with its reason."""
+    from devices.profile import native_channel_multiple
+
+    assert native_channel_multiple("flags\t: fpu sse avx avx2 avx512f avx512bw\n")[0] == 16
+    assert native_channel_multiple("flags\t: fpu sse avx avx2 fma\n")[0] == 8
+    assert native_channel_multiple("Features\t: fp asimd evtstrm crc32\n")[0] == 4
+    host = load_profile("host")
+    assert host.channel_multiple == native_channel_multiple()[0] in (4, 8, 16)
+    assert host.channel_multiple_source.startswith("detected on this machine")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_surgery import settle_bn
 
 from exporters.costs import OnnxCostModel, count_cost
 from exporters.graph_groups import ChannelGraph
@@ -37,17 +38,6 @@ ZOO = {
 }
 
 
-def _settle_bn(model: torch.nn.Module, size: int) -> torch.nn.Module:
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, size, size))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def zoo_cache():
     return {}
@@ -62,7 +52,7 @@ def _get(cache, name):
             if name == "efficientnet_lite0"
             else torchvision_model(name, num_classes=10)
         )
-        model = _settle_bn(model, size)
+        model = settle_bn(model, (1, 3, size, size))
         x = torch.randn(1, 3, size, size)
         proto = export_onnx(model, x, None)
         cache[name] = (model, x, proto, ChannelGraph(proto))
