@@ -141,7 +141,7 @@ def _log(opts: Options) -> Callable[[str], None]:
 
 
 def cmd_devices(opts: Options, args: argparse.Namespace) -> int:
-    from devices.profile import list_profiles, load_profile
+    from devices.profile import ALIASES, list_profiles, load_profile
 
     rows = []
     for name in list_profiles():
@@ -149,7 +149,8 @@ def cmd_devices(opts: Options, args: argparse.Namespace) -> int:
         rows.append({"name": name, "arch": p.arch, "description": p.description,
                      "runtimes": [r.name for r in p.runtimes], "channel_multiple": p.channel_multiple})  # fmt: skip
     text = "\n".join(f"{r['name']:<18} {r['arch']:<8} {r['description']}" for r in rows)
-    _emit(opts, {"profiles": rows}, text)
+    text += "\naliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(ALIASES.items()))
+    _emit(opts, {"profiles": rows, "aliases": ALIASES}, text)
     return 0
 
 

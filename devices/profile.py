@@ -265,6 +265,10 @@ def _profile_from_dict(data: dict[str, Any], where: str) -> DeviceProfile:
     return _validate(profile, where)
 
 
+# Short names people type (`make deploy DEVICE=jetson`): the current board of each family.
+ALIASES = {"jetson": "jetson-orin-nano", "rpi": "rpi5", "pi": "rpi5", "raspberry-pi": "rpi5"}
+
+
 def list_profiles() -> list[str]:
     """Names of the profiles shipped with fair-edge."""
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
@@ -272,14 +276,14 @@ def list_profiles() -> list[str]:
 
 def load_profile(name_or_path: str | os.PathLike) -> DeviceProfile:
     """Load a shipped profile by name, or a user's profile from a .toml path."""
-    text = str(name_or_path)
+    text = ALIASES.get(str(name_or_path), str(name_or_path))
     path = Path(text)
     if not (text.endswith(".toml") or os.sep in text or path.is_file()):
         path = PROFILE_DIR / f"{text}.toml"
         if not path.is_file():
             raise ProfileError(
                 f"unknown device profile {text!r}: choose one of {', '.join(list_profiles())} "
-                "or give the path of a .toml profile"
+                f"(or {', '.join(sorted(ALIASES))}), or give the path of a .toml profile"
             )
     if not path.is_file():
         raise ProfileError(f"profile file {path} does not exist")

@@ -172,3 +172,11 @@ def test_host_channel_multiple_is_detected_from_the_cpu_flags() -> None:
     host = load_profile("host")
     assert host.channel_multiple == native_channel_multiple()[0] in (4, 8, 16)
     assert host.channel_multiple_source.startswith("detected on this machine")
+
+
+def test_family_aliases_resolve_to_the_current_board() -> None:
+    """`make deploy DEVICE=jetson` works: short family names load the current board's profile."""
+    assert load_profile("jetson").name == "jetson-orin-nano"
+    assert load_profile("rpi").name == "rpi5" == load_profile("pi").name
+    with pytest.raises(ProfileError, match=r"\(or jetson, pi, raspberry-pi, rpi\)"):
+        load_profile("toaster")
