@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from exporters.errors import ExportError, VerificationError
-from exporters.verify import DEFAULT_TOL
+from exporters.verify import DEFAULT_TOL, ort_session
 
 _STATS = ("running_mean", "running_var")
 
@@ -124,9 +124,7 @@ def apply_bn_stats(proto: onnx.ModelProto, stats: dict[str, np.ndarray]) -> onnx
 
 
 def _onnx_outputs(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(proto)
     name = sess.get_inputs()[0].name
     return np.asarray(sess.run(None, {name: x.astype(np.float32)})[0], dtype=np.float32)
 
