@@ -294,12 +294,12 @@ def cmd_bench(opts: Options, args: argparse.Namespace) -> int:
 
 
 def cmd_report(opts: Options, args: argparse.Namespace) -> int:
-    from exporters.bundle import verify_bundle
+    from exporters.bundle import read_report, verify_bundle
 
     bundle = Path(args.bundle)
     manifest = verify_bundle(bundle)
-    report = json.loads((bundle / "report.json").read_text(encoding="utf-8"))
-    text = (bundle / "report.md").read_text(encoding="utf-8").rstrip()
+    report, text = read_report(bundle)
+    text = text.rstrip()
     _emit(opts, {"bundle": str(bundle), "files_verified": len(manifest["files"]),
                  "summary": report.get("summary")}, text)  # fmt: skip
     return 0

@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from calibration.fileio import atomic_directory
 MANIFEST_SCHEMA = "fair-edge/bundle"
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 TOOL_PACKAGES = (
     "fair-edge",
     "torch",
@@ -146,22 +148,101 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} into the manifest")
 
 
-def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
-    path = Path(bundle) / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _bundle_dir(bundle: Path) -> Path:
+    """The bundle folder, resolved; a missing path or a regular file is refused here."""
+    if not bundle.exists():
         raise BundleError(
-            f"{str(bundle)!r} is not a fair-edge bundle (no {MANIFEST_NAME})"
+            f"bundle {str(bundle)!r} does not exist; give the folder `fair-edge deploy` wrote"
+        )
+    if not bundle.is_dir():
+        raise BundleError(
+            f"bundle {str(bundle)!r} is not a folder; give the folder `fair-edge deploy` wrote "
+            "(unpack an archive first)"
+        )
+    return bundle.resolve()
+
+
+def _read_bundle_text(bundle: Path, rel: str, missing: str) -> str:
+    path = bundle / rel
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError as exc:
+        raise BundleError(missing) from exc
+    except OSError as exc:
+        raise BundleError(
+            f"{str(path)!r} cannot be read ({exc.strerror or exc}); check the bundle's permissions"
         ) from exc
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{str(path)!r} is not valid JSON: {exc}") from exc
-    if data.get("schema") != MANIFEST_SCHEMA:
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{str(path)!r} is not UTF-8 text; rebuild the bundle") from exc
+
+
+def _load_json(bundle: Path, rel: str, missing: str) -> Any:
+    text = _read_bundle_text(bundle, rel, missing)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise BundleError(
+            f"{str(bundle / rel)!r} is not valid UTF-8 JSON ({_first_line(exc)}); rebuild the bundle"
+        ) from exc
+
+
+def _entry_path(root: Path, rel: str) -> Path:
+    """Where manifest entry `rel` lives in the bundle folder `root` (already resolved).
+
+    A manifest is input like any other: an absolute path, a `..` or a symlink leading out of the
+    bundle would make `report` hash (and name) files anywhere on the machine, so all are refused.
+    """
+    inside = isinstance(rel, str) and rel not in ("", ".") and "\x00" not in rel
+    if inside:
+        p = Path(rel)
+        inside = not p.is_absolute() and ".." not in p.parts
+    if inside:
+        try:
+            path = (root / rel).resolve()
+        except (OSError, RuntimeError):  # a symlink loop: it leads nowhere inside either
+            inside = False
+        else:
+            inside = path != root and path.is_relative_to(root)
+    if not inside:
+        raise BundleError(
+            f"manifest entry {rel!r} is not a relative path inside the bundle (absolute, '..' or "
+            "a symlink leading outside the bundle); refusing it - rebuild the bundle"
+        )
+    return path
+
+
+def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
+    """The bundle's manifest, checked so that readers can index it: a `files` object whose
+    entries are paths inside the bundle, each with a SHA-256."""
+    bundle = Path(bundle)
+    root = _bundle_dir(bundle)
+    path = bundle / MANIFEST_NAME
+    data = _load_json(
+        bundle, MANIFEST_NAME, f"{str(bundle)!r} is not a fair-edge bundle (no {MANIFEST_NAME})"
+    )
+    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
         raise BundleError(f"{str(path)!r} is not a fair-edge bundle manifest")
     if data.get("version") != MANIFEST_VERSION:
         raise BundleError(
             f"bundle manifest version {data.get('version')} is not {MANIFEST_VERSION}; rebuild the bundle"
         )
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(
+            f"{str(path)!r} has no 'files' object (path -> sha256 and role); rebuild the bundle"
+        )
+    for rel, entry in files.items():
+        _entry_path(root, rel)
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise BundleError(
+                f"manifest entry {rel!r} has no sha256 (64 hex digits); rebuild the bundle"
+            )
     return data
 
 
@@ -169,17 +250,39 @@ def verify_bundle(bundle: str | os.PathLike) -> dict[str, Any]:
     """Recompute every file's SHA-256; raise BundleError naming the first mismatch or stray file."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    root = bundle.resolve()
     files: Mapping[str, Any] = manifest["files"]
-    for rel, entry in files.items():
-        path = bundle / rel
-        if not path.is_file():
-            raise BundleError(f"bundle file {rel!r} listed in the manifest is missing")
-        if sha256_file(path) != entry["sha256"]:
-            raise BundleError(f"bundle file {rel!r} does not match its SHA-256; rebuild the bundle")
-    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {
-        MANIFEST_NAME
-    }
-    stray = sorted(on_disk - set(files))
+    try:
+        for rel, entry in files.items():
+            path = _entry_path(root, rel)
+            if not path.is_file():
+                raise BundleError(f"bundle file {rel!r} listed in the manifest is missing")
+            if sha256_file(path) != entry["sha256"].lower():
+                raise BundleError(
+                    f"bundle file {rel!r} does not match its SHA-256; rebuild the bundle"
+                )
+        on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    except OSError as exc:
+        raise BundleError(
+            f"bundle {str(bundle)!r} cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from exc
+    stray = sorted(on_disk - {MANIFEST_NAME} - set(files))
     if stray:
         raise BundleError(f"bundle holds files the manifest does not list: {', '.join(stray)}")
     return manifest
+
+
+def read_report(bundle: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """report.json (an object) and report.md of a bundle, as `fair-edge report` prints them."""
+    bundle = Path(bundle)
+    _bundle_dir(bundle)
+
+    def missing(rel: str) -> str:
+        return f"bundle {str(bundle)!r} has no {rel}; rebuild it with `fair-edge deploy`"
+
+    data = _load_json(bundle, "report.json", missing("report.json"))
+    if not isinstance(data, dict):
+        raise BundleError(
+            f"{str(bundle / 'report.json')!r} is not a JSON object; rebuild the bundle"
+        )
+    return data, _read_bundle_text(bundle, "report.md", missing("report.md"))

@@ -25,7 +25,14 @@ from exporters.errors import SurgeryError
 from exporters.graph_groups import ChannelGraph, copy_without_initializers, skeleton
 from exporters.onnx_export import check_model, onnx_fingerprint_shapes
 from exporters.surgery_report import LayerRow, SurgeryReport
-from exporters.verify import DEFAULT_TOL, GraphWeights, compare_models, masked_original
+from exporters.verify import (
+    DEFAULT_TOL,
+    GraphWeights,
+    check_runnable,
+    check_verify_inputs,
+    compare_models,
+    masked_original,
+)
 from pipeline.plan import Plan, PlanError
 
 
@@ -275,14 +282,19 @@ def apply_plan(
     """Prune `onnx_model` by `plan`; the result is verified against the masked original.
 
     Raises PlanError for a plan that does not fit, SurgeryError for a graph that cannot be
-    pruned, VerificationError when the outputs differ beyond `tol` (see exporters.verify).
+    pruned or verified (custom-domain ops, declared input shapes that do not fit the data or
+    memory; checked before any surgery), VerificationError when the outputs differ beyond `tol`
+    (see exporters.verify).
     `verify_inputs`: calibration inputs (array N x ... of which the first 64 samples are used in
-    batches of 16, a feed dict, or a list of either); a seeded random batch is always checked too.
+    batches of 16, or of the model's static batch size, a feed dict, or a list of either); a
+    seeded random batch, shaped like them, is always checked too.
     """
     check_model(onnx_model)
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a pipeline.plan.Plan, got {type(plan).__name__}")
     check_fingerprint(onnx_model, plan)
+    check_runnable(onnx_model)
+    check_verify_inputs(onnx_model, verify_inputs)
     t0 = time.perf_counter()
     graph = graph or ChannelGraph(onnx_model)
     pruned = graph.pruned_roots(plan)

@@ -12,6 +12,7 @@ the difference comes only from the changed summation order of the smaller reduct
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ from exporters.graph_groups import (
 )
 
 DEFAULT_TOL = 1e-4
+# More elements than this in one sample of a declared input is a shape no edge model runs on
+# (1 GiB of float32); numpy would try to allocate it for the random batch and crash.
+MAX_SAMPLE_ELEMS = 2**28
+# Operator domains ONNX Runtime's CPU build runs. Any other needs a custom-op library fair-edge
+# does not load, so a model using one can never be verified.
+ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 _ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
@@ -68,7 +75,7 @@ def masked_original(
             keep = graph.kept(info.in_desc, pruned)
             if not keep.all():
                 d = info.in_desc
-                rank = len(graph.shapes[node.input[0]])
+                rank = _input_rank(graph, node, info.kind)
                 mask = np.repeat(keep.astype(np.float32), d.block)
                 mask = mask.reshape([mask.size] + [1] * (rank - 1 - d.axis))
                 mname = f"{node.input[0]}__fe_mask{idx}"
@@ -87,6 +94,51 @@ def masked_original(
         add_weights_as_inputs(model, graph.model.graph.initializer)
     model.graph.initializer.extend(masks)
     return model
+
+
+def _input_rank(graph: ChannelGraph, node: onnx.NodeProto, kind: str) -> int:
+    """Rank of a mixing node's data input. Shape inference stops at ops it cannot type (custom
+    domains), but a convolution's input has its weight's rank and a Gemm's is 2."""
+    shape = graph.shapes.get(node.input[0])
+    if shape is not None:
+        return len(shape)
+    if kind == "gemm":
+        return 2
+    if kind in ("conv", "convT") and len(node.input) > 1:
+        weight = graph.shapes.get(node.input[1])
+        if weight is None:
+            arr = graph.const(node.input[1])
+            weight = None if arr is None else list(arr.shape)
+        if weight is not None:
+            return len(weight)
+    raise SurgeryError(
+        f"{node.op_type} {node.name!r}: shape inference cannot type its input, so the masked "
+        "original cannot be built; make the model's shapes inferable (onnx.shape_inference) and re-run"
+    )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _all_nodes(sub)
+
+
+def check_runnable(model: onnx.ModelProto) -> None:
+    """Raise SurgeryError for an op ONNX Runtime cannot run here (a custom domain without a
+    model-local function defining it): verification would fail on it only after the surgery."""
+    local = {(f.domain, f.name) for f in model.functions}
+    for node in _all_nodes(model.graph):
+        if node.domain not in ORT_DOMAINS and (node.domain, node.op_type) not in local:
+            raise SurgeryError(
+                f"{node.domain}::{node.op_type} (node {node.name!r}) is an op of a custom domain "
+                "that ONNX Runtime cannot run here, so no pruned model could be verified; export "
+                "the model with standard ONNX ops and re-run"
+            )
 
 
 class GraphWeights(Mapping):
@@ -151,41 +203,98 @@ def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
         ) from exc
 
 
-def random_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded standard-normal inputs; the batch axis (first, symbolic) gets `batch`."""
-    rng = np.random.default_rng(seed)
+def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        dims = []
-        for k, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            elif k == 0:
-                dims.append(batch)
-            else:
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _static_batch(inp: onnx.ValueInfoProto) -> int | None:
+    dims = inp.type.tensor_type.shape.dim
+    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+
+
+def random_shapes(
+    model: onnx.ModelProto, batch: int = 2, like: Mapping[str, np.ndarray] | None = None
+) -> dict[str, list[int]]:
+    """Shape of each random verification input, checked before anything is allocated.
+
+    A symbolic batch axis (the first) gets `batch`; other symbolic axes take their size from
+    `like` (one calibration feed), whose samples must also match every declared size. A sample
+    over MAX_SAMPLE_ELEMS elements is refused rather than allocated.
+    """
+    shapes = {}
+    for inp in _data_inputs(model):
+        dim = inp.type.tensor_type.shape.dim
+        declared = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dim]
+        dims: list[int | None] = [d.dim_value if d.HasField("dim_value") else None for d in dim]
+        sample = None if like is None else like.get(inp.name)
+        if sample is not None:
+            got = list(np.shape(sample))
+            if len(got) != len(dims) or any(
+                d is not None and d != g for d, g in zip(dims[1:], got[1:], strict=True)
+            ):
                 raise SurgeryError(
-                    f"input {inp.name!r} has a symbolic non-batch dimension; pass verify_inputs"
+                    f"input {inp.name!r} is declared {declared} but the verification data's "
+                    f"samples are {got[1:]}; give data of the model's input shape, or export the "
+                    "model for the data's shape"
                 )
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
+            dims = [dims[0], *got[1:]] if dims else dims
+        if dims and dims[0] is None:
+            dims[0] = batch
+        if any(d is None for d in dims):
+            raise SurgeryError(
+                f"input {inp.name!r} has a symbolic non-batch dimension; pass verify_inputs"
+            )
+        static = [int(d or 0) for d in dims]
+        if math.prod(static[1:]) > MAX_SAMPLE_ELEMS or math.prod(static) > MAX_SAMPLE_ELEMS * batch:
+            raise SurgeryError(
+                f"input {inp.name!r} is declared {declared}: {math.prod(static):,} elements for "
+                f"one verification batch, more than fair-edge allocates ({MAX_SAMPLE_ELEMS:,} per "
+                "sample); export the model with its real input size and re-run"
+            )
+        shapes[inp.name] = static
+    return shapes
+
+
+def random_inputs(
+    model: onnx.ModelProto,
+    batch: int = 2,
+    seed: int = 0,
+    like: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs of the shapes `random_shapes` checked."""
+    rng = np.random.default_rng(seed)
+    shapes = random_shapes(model, batch, like)
+    feeds = {}
+    for inp in _data_inputs(model):
+        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        feeds[inp.name] = rng.standard_normal(shapes[inp.name]).astype(dtype)
     return feeds
 
 
+def check_verify_inputs(model: onnx.ModelProto, inputs: object = None) -> None:
+    """Raise SurgeryError, before any surgery, when `inputs` or the declared input shapes cannot
+    make a verification batch (see `random_shapes`)."""
+    calib = _as_feeds(model, inputs)
+    random_shapes(model, like=calib[0] if calib else None)
+
+
 def _as_feeds(model: onnx.ModelProto, inputs: object) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds: up to 64 samples, in batches of 16 or of the declared static batch."""
     if inputs is None:
         return []
-    names = [
-        i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
-    ]
+    data = _data_inputs(model)
     if isinstance(inputs, dict):
         return [{k: np.asarray(v) for k, v in inputs.items()}]
     if isinstance(inputs, np.ndarray) or hasattr(inputs, "numpy"):
         arr = np.asarray(inputs, dtype=np.float32)
-        return [{names[0]: arr[i : i + 16]} for i in range(0, min(len(arr), 64), 16)]
+        static = _static_batch(data[0]) or None
+        step, stop = static or 16, min(len(arr), 64)
+        return [
+            {data[0].name: arr[i : i + step]}
+            for i in range(0, stop, step)
+            if static is None or i + step <= stop
+        ]
     if isinstance(inputs, Sequence):
         out = []
         for x in inputs:
@@ -208,8 +317,9 @@ def compare_models(
 
     Inputs follow the candidate's graph inputs; `reference_weights` feeds a weightless reference.
     """
-    feeds = [random_inputs(candidate, seed=s) for s in range(n_random)]
     calib = _as_feeds(candidate, inputs)
+    like = calib[0] if calib else None
+    feeds = [random_inputs(candidate, seed=s, like=like) for s in range(n_random)]
     try:
         ref_s, cand_s = _Runner(reference, reference_weights), _Runner(candidate)
     except SurgeryError:
