@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
-from exporters.errors import ExportError, VerificationError
-from exporters.verify import DEFAULT_TOL, ort_session
+from exporters.errors import ExportError
+from exporters.verify import DEFAULT_TOL
+from exporters.weights import apply_tensors, check_matches_torch
 
 _STATS = ("running_mean", "running_var")
 
@@ -101,32 +101,7 @@ def recalibrate_bn(
 
 def apply_bn_stats(proto: onnx.ModelProto, stats: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of `proto` with the named BatchNorm statistic initializers replaced."""
-    result = copy.deepcopy(proto)
-    inits = {t.name: t for t in result.graph.initializer}
-    missing = sorted(set(stats) - set(inits))
-    if missing:
-        raise ExportError(
-            f"the ONNX model has no initializer {missing[0]!r} (of {len(missing)} BatchNorm "
-            "statistics): it was exported with BatchNorm folded or renamed; recalibrate before "
-            "folding"
-        )
-    for name, value in stats.items():
-        old = inits[name]
-        if tuple(old.dims) != value.shape:
-            raise ExportError(
-                f"BatchNorm statistic {name!r} has shape {list(value.shape)} but the ONNX model "
-                f"holds {list(old.dims)}: the torch model and the ONNX model were pruned by "
-                "different plans"
-            )
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
-        old.CopyFrom(numpy_helper.from_array(value.astype(dtype), name))
-    return result
-
-
-def _onnx_outputs(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    sess = ort_session(proto)
-    name = sess.get_inputs()[0].name
-    return np.asarray(sess.run(None, {name: x.astype(np.float32)})[0], dtype=np.float32)
+    return apply_tensors(proto, stats, "BatchNorm statistics")
 
 
 def recalibrate_onnx(
@@ -145,19 +120,7 @@ def recalibrate_onnx(
     """
     model, stats = recalibrate_bn(pruned_torch, inputs, batch_size)
     proto = apply_bn_stats(pruned_onnx, stats)
-    xv = np.ascontiguousarray(np.asarray(verify_inputs, dtype=np.float32))
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    with torch.no_grad():
-        ref = model(torch.from_numpy(xv).to(dtype=dtype)).float().cpu().numpy()
-    got = _onnx_outputs(proto, xv)
-    diff = float(np.max(np.abs(got - ref))) if ref.size else 0.0
-    bound = tol * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
-    if not diff <= bound:
-        raise VerificationError(
-            f"after BatchNorm recalibration the ONNX model differs from the torch model by "
-            f"{diff:.3g} (allowed {bound:.3g}); report this model to fair-edge"
-        )
+    diff, _ = check_matches_torch(proto, model, verify_inputs, "BatchNorm recalibration", tol)
     report = BnRecalReport(
         layers=len(stats) // 2,
         samples=len(inputs),

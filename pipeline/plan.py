@@ -109,6 +109,12 @@ class Plan:
     def pruned_units(self) -> int:
         return sum(len(lp.pruned) for lp in self.layers.values())
 
+    def digest(self) -> str:
+        """A hash of what the plan removes from which model (the method record is left out)."""
+        layers = {n: sorted(int(i) for i in lp.pruned) for n, lp in sorted(self.layers.items())}
+        text = json.dumps({"model": self.fingerprint.digest, "layers": layers}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def check_model(self, model: nn.Module) -> None:
         """Raise PlanError if `model` is not the model this plan was made for."""
         problem = self.fingerprint.diff(ModelFingerprint.from_model(model))
