@@ -3,6 +3,10 @@
 Copy the bundle folder (or the lone model) and the runner into a fresh remote folder, let the
 runner check the bundle's hashes on the board, run it, fetch its JSON result and remove the remote
 folder again, whatever happened. Every failure is one DeviceError line that says what to do.
+
+A lost connection cannot remove its folder, so every run folder lives under the work folder with
+the RUN_PREFIX name and records the SSH server process that serves its connection; the next
+connection removes the folders whose server process is gone and stops a runner left in them.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shlex
 import socket
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
@@ -32,6 +39,11 @@ from devices.runspec import (
 
 BUNDLE_MANIFESTS = ("manifest.json", "SHA256SUMS")
 TRANSFER_HASHES = ".fair-edge-transfer.sha256"
+RUN_PREFIX = "fair-edge-run-"
+OWNER_FILE = ".fair-edge-owner"
+RUNNER_PID_FILE = ".fair-edge-runner-pid"
+SIGNAL_MARK = "fair-edge-runner-signal"
+STRAY_AGE_MIN = 10
 
 
 def _sha256(path: Path) -> str:
@@ -169,21 +181,112 @@ def connect(s: SshSettings) -> paramiko.SSHClient:
     return client
 
 
+def _lost(client: paramiko.SSHClient) -> bool:
+    """Whether the connection is gone.
+
+    paramiko closes the channels before it marks the transport inactive, so a channel that
+    just closed gives its reader thread a moment to finish before the answer.
+    """
+    transport = client.get_transport()
+    if transport is None:
+        return True
+    if transport.is_active():
+        transport.join(1.0)
+    return not transport.is_active()
+
+
+def _lost_error(target: str, what: str) -> DeviceError:
+    return DeviceError(
+        f"connection to {target} lost during {what}; check the board/network and re-run "
+        "(the next run removes the folder it left on the board)"
+    )
+
+
 def _exec(
-    client: paramiko.SSHClient, cmd: str, timeout_s: float, target: str
+    client: paramiko.SSHClient, cmd: str, timeout_s: float, target: str, what: str
 ) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `cmd` on the board; `what` names it in errors."""
     try:
         _, stdout, stderr = client.exec_command(cmd, timeout=timeout_s)
         out = stdout.read().decode("utf-8", "replace")
         err = stderr.read().decode("utf-8", "replace")
-        return stdout.channel.recv_exit_status(), out, err
+        code = stdout.channel.recv_exit_status()
     except TimeoutError:
         raise DeviceError(
             f"{target}: the command did not finish within {timeout_s:g} s (raise ssh.run_timeout_s "
             "or lower runs/min_duration)"
         ) from None
-    except paramiko.SSHException as exc:
-        raise DeviceError(f"{target}: SSH session failed: {exc}") from None
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        if _lost(client):
+            raise _lost_error(target, what) from None
+        raise DeviceError(f"{target}: SSH session failed during {what}: {exc}") from None
+    if code == -1:  # the channel closed without an exit status
+        if _lost(client):
+            raise _lost_error(target, what)
+        raise DeviceError(
+            f"{target}: {what} was killed on the board without an exit status (a signal the SSH "
+            "server reported but did not pass on); check the board's kernel log (dmesg)"
+        )
+    return code, out, err
+
+
+def _claim_work_folder(
+    client: paramiko.SSHClient, s: SshSettings, remote: PurePosixPath, target: str
+) -> None:
+    """Make the run folder and remove the ones that lost connections left behind.
+
+    A folder records the SSH server process of its connection ($PPID of the command); while that
+    process lives the run may still be going (another client measuring), so it is kept. A folder
+    without that record is kept for STRAY_AGE_MIN minutes, as it may be one just being made.
+    A runner still running in a removed folder is stopped (only if its working folder is that
+    folder, so a reused pid is never hit): it would load the board during this measurement.
+    """
+    parent, run = shlex.quote(str(remote.parent)), shlex.quote(str(remote))
+    script = (
+        f"mkdir -p {parent} && mkdir {run} && echo $PPID > {run}/{OWNER_FILE} || exit 1; "
+        f"for d in {parent}/{RUN_PREFIX}*; do "
+        f'[ -d "$d" ] && [ "${{d##*/}}" != {shlex.quote(remote.name)} ] || continue; '
+        f'o=$(cat "$d/{OWNER_FILE}" 2>/dev/null); '
+        'if [ -n "$o" ]; then kill -0 "$o" 2>/dev/null && continue; '
+        f'elif [ -z "$(find "$d" -maxdepth 0 -mmin +{STRAY_AGE_MIN} 2>/dev/null)" ]; then continue; fi; '
+        f'p=$(cat "$d/{RUNNER_PID_FILE}" 2>/dev/null); '
+        'if [ -n "$p" ] && [ "/proc/$p/cwd" -ef "$d" ]; then kill "$p" 2>/dev/null; fi; '
+        'rm -rf "$d"; done; exit 0'
+    )
+    code, _, err = _exec(client, script, s.connect_timeout_s, target, "creating the work folder")
+    if code != 0:
+        raise DeviceError(
+            f"{target}: cannot create work folder {remote}: {err.strip() or f'exit code {code}'}; "
+            "check ssh.work_dir (FAIR_EDGE_SSH_WORKDIR) and free space on the board"
+        )
+
+
+def _runner_command(remote: PurePosixPath, threads: int, s: SshSettings, args: list[str]) -> str:
+    """The shell line that runs the runner and names the signal if one killed it.
+
+    The shell sees a killed runner as exit code 128+N; its own `kill -l` names N, so the name
+    is the board's. The runner's pid goes to a file so a later cleanup can stop an orphan.
+    """
+    return (
+        f"cd {shlex.quote(str(remote))} && {{ OMP_NUM_THREADS={threads or 1} "
+        f"timeout {s.run_timeout_s:g} {s.python} runner.py "
+        + " ".join(shlex.quote(a) for a in args)
+        + f" & echo $! > {RUNNER_PID_FILE}; wait $!; }}; s=$?; "
+        'if [ "$s" -gt 128 ] && [ "$s" -le 192 ]; then '
+        f'echo "{SIGNAL_MARK} $((s - 128)) $(kill -l "$s" 2>/dev/null)" >&2; fi; exit "$s"'
+    )
+
+
+def _killed_by(err: str) -> tuple[str, str | None]:
+    """(stderr without the signal report, 'signal 9 (SIGKILL)' when the shell reported one)."""
+    found = re.search(rf"^{SIGNAL_MARK} (\d+) ?(\S*)\s*$", err, re.MULTILINE)
+    if found is None:
+        return err, None
+    number, name = found.groups()
+    rest = err[: found.start()] + err[found.end() :]
+    if not name:
+        return rest, f"signal {number}"
+    return rest, f"signal {number} ({name if name.startswith('SIG') else 'SIG' + name})"
 
 
 def _upload(sftp: paramiko.SFTPClient, remote: PurePosixPath, files: dict[str, Path]) -> None:
@@ -247,33 +350,27 @@ def run_ssh(
     manifests = [m for m in BUNDLE_MANIFESTS if m in files]
     target = _target(s)
     client = connect(s)
-    remote = PurePosixPath(s.work_dir) / f"run-{uuid.uuid4().hex[:12]}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    remote = PurePosixPath(s.work_dir) / f"{RUN_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}"
     try:
-        code, _, err = _exec(
-            client, f"mkdir -p {shlex.quote(str(remote))}", s.connect_timeout_s, target
-        )
-        if code != 0:
-            raise DeviceError(f"{target}: cannot create work folder {remote}: {err.strip()}")
-        sftp = client.open_sftp()
+        _claim_work_folder(client, s, remote, target)
+        sftp = None
         try:
-            _upload(sftp, remote, files)
-            sftp.put(str(RUNNER_PATH), str(remote / "runner.py"))
-            with sftp.open(str(remote / TRANSFER_HASHES), "w") as fh:
-                fh.write("".join(f"{h}  {rel}\n" for rel, h in sorted(hashes.items())))
+            with _transfer(client, target, "the upload of the bundle", remote):
+                sftp = client.open_sftp()
+                _upload(sftp, remote, files)
+                sftp.put(str(RUNNER_PATH), str(remote / "runner.py"))
+                with sftp.open(str(remote / TRANSFER_HASHES), "w") as fh:
+                    fh.write("".join(f"{h}  {rel}\n" for rel, h in sorted(hashes.items())))
             run_spec = replace(spec, ort_profile="ort-profile" if spec.ort_profile else None)
             args = runner_args(run_spec, profile, model_rel)
             args += ["--hashes", TRANSFER_HASHES]
             for manifest in manifests:
                 args += ["--hashes", manifest]
             args += ["--bundle-dir", ".", "--out", "result.json"]
-            threads = resolve_threads(spec, profile)
-            cmd = (
-                f"cd {shlex.quote(str(remote))} && OMP_NUM_THREADS={threads or 1} "
-                f"timeout {s.run_timeout_s:g} {s.python} runner.py "
-                + " ".join(shlex.quote(a) for a in args)
-            )
+            cmd = _runner_command(remote, resolve_threads(spec, profile), s, args)
             thermal = {"before": _thermal(client, profile, target)} if check_thermal else {}
-            code, out, err = _exec(client, cmd, s.run_timeout_s + 30, target)
+            code, out, err = _exec(client, cmd, s.run_timeout_s + 30, target, "the measurement")
             if check_thermal:
                 thermal["after"] = _thermal(client, profile, target)
             if code == 124:
@@ -281,17 +378,21 @@ def run_ssh(
                     f"{target}: the runner did not finish within {s.run_timeout_s:g} s (raise "
                     "ssh.run_timeout_s or lower runs/min_duration)"
                 )
-            result = parse_runner_output(out, code, err, f"board {target}")
+            result = _runner_result(out, code, err, target)
             if result.get("ok") and result.get("ort_profile") and spec.ort_profile:
                 local = Path(f"{spec.ort_profile}_{PurePosixPath(result['ort_profile']).name}")
                 local.parent.mkdir(parents=True, exist_ok=True)
-                sftp.get(result["ort_profile"], str(local))
+                with _transfer(client, target, "fetching the ONNX Runtime profile", remote):
+                    sftp.get(result["ort_profile"], str(local))
                 result["ort_profile"] = str(local)
         finally:
-            sftp.close()
+            if sftp is not None:
+                with contextlib.suppress(Exception):
+                    sftp.close()
     finally:
         with contextlib.suppress(Exception):
-            _exec(client, f"rm -rf {shlex.quote(str(remote))}", s.connect_timeout_s, target)
+            rm = f"rm -rf {shlex.quote(str(remote))}"
+            _exec(client, rm, s.connect_timeout_s, target, "removing the work folder")
         client.close()
     device = f"{profile.name} at {target} over SSH"
     return Measurement.from_runner(
@@ -305,10 +406,45 @@ def run_ssh(
     )
 
 
+@contextlib.contextmanager
+def _transfer(
+    client: paramiko.SSHClient, target: str, what: str, remote: PurePosixPath
+) -> Iterator[None]:
+    """SFTP failures as one DeviceError: a lost connection, or what the board refused."""
+    try:
+        yield
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        if _lost(client):
+            raise _lost_error(target, what) from None
+        raise DeviceError(
+            f"{target}: {what} failed ({exc}); check free space and permissions in "
+            f"{remote.parent} on the board"
+        ) from None
+
+
+def _runner_result(out: str, code: int, err: str, target: str) -> dict:
+    """The runner's JSON result; a runner killed by a signal without one says which signal."""
+    err, signal = _killed_by(err)
+    try:
+        return parse_runner_output(out, code, err, f"board {target}")
+    except DeviceError:
+        if signal is None:
+            raise
+    hint = (
+        "the board's out-of-memory killer does this: check dmesg there, free memory or use a "
+        "smaller model"
+        if signal.startswith("signal 9 ")
+        else "check the board's kernel log (dmesg) and the runtime on the board"
+    )
+    raise DeviceError(
+        f"board {target}: the runner was killed by {signal} before it printed a result; {hint}"
+    )
+
+
 def _thermal(client: paramiko.SSHClient, profile: DeviceProfile, target: str) -> dict | None:
     """The board's throttling/temperature report (profile.thermal_check), at most 5 s of it."""
     if not profile.thermal_check:
         return None
     cmd = f"timeout 5 sh -c {shlex.quote(profile.thermal_check)} 2>&1"
-    code, out, _ = _exec(client, cmd, 15, target)
+    code, out, _ = _exec(client, cmd, 15, target, "the thermal check")
     return {"command": profile.thermal_check, "exit_code": code, "output": out.strip()[-2000:]}

@@ -9,10 +9,12 @@ them from the graph inputs afterwards. Constant folding stays off so no paramete
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -44,7 +46,7 @@ def export_onnx(
     model.eval()
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
@@ -73,6 +75,21 @@ def export_onnx(
     if path is not None:
         atomic_write_bytes(Path(path), data)
     return proto
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """Trace nn.MultiheadAttention / TransformerEncoder through their plain ops, then restore.
+
+    Under no_grad in eval mode they take a fused kernel (aten::_native_multi_head_attention)
+    that the ONNX exporter cannot translate, so e.g. torchvision's ViT would not export.
+    """
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +20,7 @@ from sshd import LoopbackSshd, start_sshd
 from tiny_models import conv_onnx
 
 from devices.errors import DeviceError
-from devices.ssh import run_ssh
+from devices.ssh import OWNER_FILE, RUN_PREFIX, run_ssh
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +185,142 @@ def test_run_timeout_and_missing_host(reach: dict, tmp_path: Path) -> None:
         run_ssh(model, "rpi4", runs=None, min_duration_s=30, run_timeout_s=1, **reach)
     with pytest.raises(DeviceError, match="no SSH host for profile rpi4: set FAIR_EDGE_RPI4_HOST"):
         run_ssh(model, "rpi4", env={})
+
+
+def _fake_python(folder: Path, body: str) -> str:
+    """An executable that stands in for the board's python: the runner it starts does `body`."""
+    exe = folder / "python-standin"
+    exe.write_text(f"#!/bin/sh\n{body}\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+@pytest.mark.parametrize(("number", "name"), [(9, "SIGKILL"), (15, "SIGTERM")])
+def test_runner_killed_by_a_signal_names_it(
+    reach: dict, tmp_path: Path, number: int, name: str
+) -> None:
+    """paramiko sees a killed process as exit status -1; the board's shell names the signal."""
+    python = _fake_python(tmp_path, f"kill -{number} $$")
+    with pytest.raises(DeviceError) as info:
+        run_ssh(conv_onnx(tmp_path / "m.onnx"), "rpi4", runs=2, **{**reach, "python": python})
+    message = str(info.value)
+    assert (
+        f"the runner was killed by signal {number} ({name}) before it printed a result" in message
+    )
+    assert ("out-of-memory killer" in message) == (number == 9)
+    assert "\n" not in message and "exit code" not in message
+    assert _board_is_clean(reach)
+
+
+class Cable:
+    """A loopback TCP relay in front of the board's sshd that the test can cut like a cable."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.to = port
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.to))
+            self.socks += [near, far]
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        for sock in [self.listener, *self.socks]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_for(check: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_lost_connection_is_reported_and_cleaned_up_next_time(
+    server: LoopbackSshd, reach: dict, tmp_path: Path
+) -> None:
+    """Cut the network mid-measurement: one clear line; the next connection removes the folder
+    the lost run left and stops its runner, which would otherwise load the board."""
+    cable = Cable(server.port)
+    known = tmp_path / "known_hosts_cable"
+    known.write_text(f"[127.0.0.1]:{cable.port} {server.host_pub}\n")
+    started = tmp_path / "runner.pid"
+    python = _fake_python(
+        tmp_path, f"echo $$ > {started}.tmp && mv {started}.tmp {started}\nexec sleep 60"
+    )
+    cutter = threading.Thread(
+        target=lambda: _wait_for(started.exists, 60) and cable.cut(), daemon=True
+    )
+    cutter.start()
+    via_cable = {**reach, "port": cable.port, "known_hosts": str(known), "python": python}
+    runner_pid = None
+    try:
+        with pytest.raises(DeviceError) as info:
+            run_ssh(conv_onnx(tmp_path / "m.onnx"), "rpi4", runs=2, **via_cable)
+        assert str(info.value).startswith(
+            f"connection to {reach['user']}@127.0.0.1:{cable.port} lost during the measurement; "
+            "check the board/network and re-run"
+        )
+        runner_pid = int(started.read_text())
+        stale = list(Path(reach["work_dir"]).glob(f"{RUN_PREFIX}*"))
+        assert len(stale) == 1 and _alive(runner_pid), "the lost run left its folder and runner"
+        owner = int((stale[0] / OWNER_FILE).read_text())
+        assert _wait_for(lambda: not _alive(owner)), "sshd should end the lost connection"
+        m = run_ssh(conv_onnx(tmp_path / "m2.onnx"), "rpi4", runs=2, warmup=0, **reach)
+        assert m.runs == 2 and _board_is_clean(reach)
+        assert _wait_for(lambda: not _alive(runner_pid), 10), "the orphaned runner was stopped"
+    finally:
+        cable.cut()
+        if runner_pid is not None and _alive(runner_pid):
+            os.kill(runner_pid, signal.SIGKILL)
+
+
+def test_cleanup_keeps_folders_of_live_connections(reach: dict, tmp_path: Path) -> None:
+    """Only run folders whose SSH server process is gone (or stray ones, old) are removed."""
+    board = Path(reach["work_dir"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folders = {
+        "live": (f"{RUN_PREFIX}live", str(os.getpid()), 0),
+        "dead": (f"{RUN_PREFIX}dead", str(dead.pid), 0),
+        "fresh stray": (f"{RUN_PREFIX}fresh", None, 0),
+        "old stray": (f"{RUN_PREFIX}old", None, 3600),
+        "not ours": ("keep-me", str(dead.pid), 3600),
+    }
+    for name, owner, age in folders.values():
+        (board / name).mkdir(parents=True)
+        if owner:
+            (board / name / OWNER_FILE).write_text(owner + "\n")
+        then = time.time() - age
+        os.utime(board / name, (then, then))
+    run_ssh(conv_onnx(tmp_path / "m.onnx"), "rpi4", runs=2, warmup=0, **reach)
+    left = {p.name for p in board.iterdir()}
+    assert left == {folders[k][0] for k in ("live", "fresh stray", "not ours")}

@@ -169,15 +169,41 @@ def read_hash_list(path):
     return hashes
 
 
+def bundle_file(hash_list_path, root, name):
+    """The real path of the listed file `name` inside `root`; refused if it could lead elsewhere.
+
+    A manifest travels with the bundle, so it is not trusted: an absolute path, a `..` part or
+    a symlink out of the folder would make the runner read and fingerprint any file on the board.
+    """
+    where = os.path.basename(hash_list_path)
+    fix = "a bundle manifest may name only files inside the bundle folder; rebuild the bundle"
+
+    def refuse(why):
+        return RunnerFailure(EXIT_HASH, "bad_manifest", f"hash list {where} {why}: {fix}")
+
+    if not name or "\0" in name:
+        raise refuse(f"names an empty or invalid path {name!r}")
+    drive = len(name) > 1 and name[0].isalpha() and name[1] == ":"
+    if os.path.isabs(name) or name[0] in "/\\" or drive:
+        raise refuse(f"names an absolute path {name}")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise refuse(f"names {name}, whose '..' could lead outside the bundle")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, name))
+    if not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise refuse(f"names {name}, which a symlink resolves outside the bundle (to {real})")
+    return real
+
+
 def verify_hashes(hash_list_path, root):
-    """Check every listed file under `root`; raise on a missing or changed file."""
+    """Check every listed file under `root`; raise on an unsafe path, a missing or changed file.
+
+    All paths are checked before any file is opened, so a bad manifest reads nothing.
+    """
     hashes = read_hash_list(hash_list_path)
+    paths = {name: bundle_file(hash_list_path, root, name) for name in sorted(hashes)}
     for name in sorted(hashes):
-        path = os.path.normpath(os.path.join(root, name))
-        if not path.startswith(os.path.normpath(root) + os.sep):
-            raise RunnerFailure(
-                EXIT_HASH, "bad_manifest", f"hash list names a path outside the bundle: {name}"
-            )
+        path = paths[name]
         if not os.path.isfile(path):
             raise RunnerFailure(
                 EXIT_HASH, "missing_file", f"bundle file {name} is missing on the board"
