@@ -11,12 +11,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from calibration.errors import FairEdgeError
-from devices.config import METRICS, QUANTIZE, ROUND_MODES, RUN_ON, RUNTIMES, WHERE, Options, resolve
+from devices.config import (
+    AUGMENT,
+    METRICS,
+    OPTIMIZERS,
+    QUANTIZE,
+    ROUND_MODES,
+    RUN_ON,
+    RUNTIMES,
+    SCHEDULES,
+    WHERE,
+    Options,
+    resolve,
+)
 
 EXIT_ERROR = 2
 
@@ -61,9 +74,30 @@ FLAGS: dict[str, dict[str, Any]] = {
                        "help": "re-estimate BatchNorm statistics of the pruned model on the "
                                "calibration data, no training (default: when the PyTorch model "
                                "has BatchNorm)"},
+    "recover": {"action": argparse.BooleanOptionalAction,
+                "help": "recover the pruned model: distillation from the unpruned model plus "
+                        "cross-entropy where labels exist (default: on for the built-in model)"},
+    "recover_data": {"help": "training images for recovery, any --data form, labels optional "
+                             "(default: the model's training split, else --data)"},
+    "recover_epochs": {"type": float, "help": "passes over the recovery data (default 1)"},
+    "recover_steps": {"type": int, "help": "recovery steps (overrides --recover-epochs)"},
+    "recover_lr": {"type": float, "help": "learning rate (default 1e-3 adamw, 1e-2 sgd)"},
+    "recover_optimizer": {"choices": OPTIMIZERS, "help": "adamw (default) or sgd (momentum 0.9)"},
+    "recover_batch_size": {"type": int, "help": "global batch size (default 128)"},
+    "recover_schedule": {"choices": SCHEDULES, "help": "learning-rate schedule (default cosine)"},
+    "recover_augment": {"choices": AUGMENT, "help": "light image augmentation (default shift)"},
+    "recover_patience": {"type": int,
+                         "help": "stop after this many held-out checks without gain (0: never)"},
+    "recover_heldout": {"type": int,
+                        "help": "samples held out of the recovery data for the best-weights pick"},
+    "checkpoint": {"help": "recovery checkpoint .safetensors (resumed when it exists)"},
+    "rounds": {"type": int, "help": "prune/recover rounds to reach --target (default 1)"},
+    "max_drop": {"type": float,
+                 "help": "accuracy budget in top-1 points: the plan with the fewest FLOPs within it"},
+    "max_drop_tries": {"type": int, "help": "plans tried by the --max-drop search (default 6)"},
     "out": {"help": "output folder (default dist)"},
     "name": {"help": "bundle name (default <model>-<device>)"},
-    "eval_samples": {"type": int, "help": "evaluation samples for accuracy (default 2000)"},
+    "eval_samples": {"type": int, "help": "evaluation samples for accuracy (default 10000)"},
     "runs": {"type": int, "help": "timed runs per model"},
     "warmup": {"type": int, "help": "untimed warm-up runs per model"},
     "cache": {"action": argparse.BooleanOptionalAction, "help": "re-use cached stages (scores)"},
@@ -74,6 +108,9 @@ DATA = ["data", "seed"]
 SCORING = ["samples_per_class", "projections", "where", "cache"]
 PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode"]
 MEASURE = ["device", "run_on", "runs", "warmup"]
+RECOVERY = ["recover_data", "recover_epochs", "recover_steps", "recover_lr", "recover_optimizer",
+            "recover_batch_size", "recover_schedule", "recover_augment", "recover_patience",
+            "recover_heldout", "checkpoint"]  # fmt: skip
 
 SUBCOMMANDS: dict[str, tuple[str, list[str]]] = {
     "score": ("compute FAIR scores (U and R) of a model on calibration data", MODEL + DATA + SCORING + ["out"]),
@@ -86,15 +123,31 @@ SUBCOMMANDS: dict[str, tuple[str, list[str]]] = {
     "bench": ("time model files on a device (two files: original and pruned, one run)", MEASURE),
     "deploy": ("the whole chain: score, plan, prune, convert, measure, bundle",
                MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
-               + ["plan", "scores", "recalibrate_bn", "runtime", "quantize", "run_on", "runs",
-                  "warmup", "out", "name"]),
+               + ["plan", "scores", "recalibrate_bn", "recover", "rounds", "max_drop",
+                  "max_drop_tries"] + RECOVERY
+               + ["runtime", "quantize", "run_on", "runs", "warmup", "out", "name"]),
+    "recover": ("prune by a plan (or plan first) and recover the pruned model by distillation; "
+                "writes the recovered pruned ONNX, its PyTorch weights and the plan",
+                MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
+                + ["plan", "scores", "recalibrate_bn"] + RECOVERY + ["out"]),
     "report": ("verify a bundle's hashes and print its report", []),
     "devices": ("list the device profiles", []),
 }  # fmt: skip
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one error form: `fair-edge: error: ...`, exit 2, no usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        command = self.prog.removeprefix("fair-edge").strip()
+        where = f"{command}: " if command else ""
+        print(f"fair-edge: error: {where}{' '.join(message.split())}; see `{self.prog} --help`",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(EXIT_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fair-edge",
         description="FAIR-Pruner structured pruning to edge devices, measured.",
     )
@@ -305,6 +358,71 @@ def cmd_report(opts: Options, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
+    from devices.deploy import (
+        INT8_CALIBRATION,
+        apply_model_defaults,
+        calibration_subset,
+        example_input,
+        show_progress,
+        torch_accuracy,
+    )
+    from devices.recovery_stage import recovery_config, recovery_data, run_recovery
+    from devices.stage_cache import StageCache
+    from exporters.bn_recal import batchnorm_layers, recalibrate_bn
+    from exporters.onnx_export import export_onnx
+    from exporters.surgery import apply_plan, save_model
+    from exporters.torch_prune import prune_torch
+    from exporters.weights import save_pruned_weights, write_back
+    from pipeline.plan import Plan
+
+    inp = _model_and_data(opts)
+    opts = apply_model_defaults(opts, inp.source, [])
+    model = inp.source.require_torch("recovery")
+    if opts.plan:
+        plan = Plan.load(opts.plan)
+        plan.check_model(model)
+        proto = export_onnx(model, example_input(inp.calibration), None)
+    else:
+        inp, proto, plan = _plan(opts)
+    plan.method.setdefault("input_shape", [1, *inp.calibration.sample_shape])
+    x0 = example_input(inp.calibration)
+    verify_x = calibration_subset(inp.calibration, 64, opts.seed)
+    pruned_proto, _ = apply_plan(proto, plan, verify_inputs=verify_x)
+    student = prune_torch(model, plan, x0, proto)
+    acc = {"unpruned": torch_accuracy(model, inp.evaluation),
+           "one-shot": torch_accuracy(student, inp.evaluation)}  # fmt: skip
+    if opts.recalibrate_bn is not False and batchnorm_layers(student):
+        recal_x = calibration_subset(inp.calibration, INT8_CALIBRATION, opts.seed)
+        student = recalibrate_bn(student, recal_x)[0]
+        acc["BN re-estimated"] = torch_accuracy(student, inp.evaluation)
+    data = recovery_data(opts, inp.source.calibration_data, inp.calibration, model)
+    rec = run_recovery(model, student, plan, data, recovery_config(opts),
+                       StageCache.default(opts.cache), checkpoint=opts.checkpoint,
+                       progress=show_progress(opts))  # fmt: skip
+    acc["recovered"] = torch_accuracy(rec.model, inp.evaluation)
+    pruned_proto, wb = write_back(rec.model, pruned_proto, verify_x)
+    out_dir = Path(opts.out)
+    name = inp.source.name
+    onnx_path, weights_path = (
+        out_dir / f"{name}.recovered.onnx",
+        out_dir / f"{name}.weights.safetensors",
+    )
+    plan_path = out_dir / f"{name}.plan.json"
+    save_model(pruned_proto, onnx_path)
+    save_pruned_weights(rec.model, plan, weights_path)
+    plan.save(plan_path)
+    on = "the calibration data" if inp.eval_is_calibration else inp.evaluation.source
+    lines = [f"top-1 on {on} ({len(inp.evaluation)} samples):"]
+    lines += [f"  {k:<16} {'n/a' if v is None else format(v, '.4f')}" for k, v in acc.items()]
+    lines += [f"recovered ONNX -> {onnx_path} (ONNX Runtime vs torch max diff {wb.max_abs_diff:.2g})",
+              f"PyTorch weights -> {weights_path}", f"plan -> {plan_path}"]  # fmt: skip
+    _emit(opts, {"onnx": str(onnx_path), "weights": str(weights_path), "plan": str(plan_path),
+                 "accuracy": acc, "accuracy_on": on, "recovery": rec.record,
+                 "write_back": wb.to_json()}, "\n".join(lines))  # fmt: skip
+    return 0
+
+
 def cmd_deploy(opts: Options, args: argparse.Namespace) -> int:
     from devices.deploy import deploy
 
@@ -334,6 +452,7 @@ COMMANDS: dict[str, Callable[[Options, argparse.Namespace], int]] = {
     "export": cmd_export,
     "bench": cmd_bench,
     "deploy": cmd_deploy,
+    "recover": cmd_recover,
     "report": cmd_report,
     "devices": cmd_devices,
 }

@@ -24,6 +24,10 @@ METRICS = ("flops", "params")
 WHERE = ("raw", "bn", "act")
 RUN_ON = ("auto", "local", "ssh", "emulated")
 ROUND_MODES = ("auto", "up", "nearest", "down")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+AUGMENT = ("shift", "shift+flip", "none")
+DEFAULT_TOD = 0.05
 
 
 class ConfigError(FairEdgeError):
@@ -44,7 +48,9 @@ class Options:
     """Calibration data spec (see calibration.loaders.load_data); None: the default model's data."""
     eval_data: str | None = None
     device: str = "host"
-    tod: float = 0.05
+    tod: float | None = None
+    """ToD level alpha; None: 0.05, or for the built-in default model its own settings
+    (--target 0.5 with --recover), unless --target, --latency-ms or --max-drop is given."""
     target: float | None = None
     """Remove this share of `metric` (0.3 = 30% of FLOPs; searches the ToD level) instead of --tod."""
     metric: str = "flops"
@@ -71,10 +77,37 @@ class Options:
     """Re-estimate BatchNorm statistics of the pruned model on the calibration inputs (one
     forward pass, no weight change): recovers much of the one-shot accuracy loss. None (the
     default): whenever the PyTorch model is at hand and has BatchNorm layers."""
+    recover: bool | None = None
+    """Recover the pruned model by distillation from the unpruned one (short training). None:
+    on for the built-in default model, off otherwise."""
+    recover_data: str | None = None
+    """Training images for recovery (labelled or not); default: the model's training split, or
+    --data."""
+    recover_epochs: float = 1.0
+    recover_steps: int | None = None
+    recover_lr: float | None = None
+    """None: 1e-3 for adamw, 1e-2 for sgd."""
+    recover_optimizer: str = "adamw"
+    recover_batch_size: int = 128
+    recover_schedule: str = "cosine"
+    recover_augment: str = "shift"
+    recover_patience: int = 0
+    recover_heldout: int = 1000
+    """Samples held out of the recovery data for the early stop and best-weights pick."""
+    checkpoint: str | None = None
+    """Recovery checkpoint (safetensors); an interrupted run resumes from it. Default: one in the
+    cache folder per recovery."""
+    rounds: int = 1
+    """Prune/recover rounds to reach --target (each round re-scores the recovered model)."""
+    max_drop: float | None = None
+    """Accuracy budget: the fastest plan whose top-1 after the fix (recovery when --recover, else
+    BatchNorm re-estimation) stays within this many points of the unpruned model, on held-out
+    data."""
+    max_drop_tries: int = 6
     quantize: str = "none"
     out: str = "dist"
     name: str | None = None
-    eval_samples: int = 2000
+    eval_samples: int = 10000
     runs: int = 50
     warmup: int = 5
     cache: bool = True
@@ -83,7 +116,7 @@ class Options:
 
     def validate(self) -> Options:
         """Check ranges and choices; return self so calls chain."""
-        if not 0.0 < self.tod < 1.0:
+        if self.tod is not None and not 0.0 < self.tod < 1.0:
             raise ConfigError(
                 f"--tod must be in (0, 1) (the reference uses 0.005 to 0.05), got {self.tod}"
             )
@@ -101,16 +134,44 @@ class Options:
             ("where", self.where, WHERE),
             ("run_on", self.run_on, RUN_ON),
             ("round_mode", self.round_mode, ROUND_MODES),
+            ("recover_optimizer", self.recover_optimizer, OPTIMIZERS),
+            ("recover_schedule", self.recover_schedule, SCHEDULES),
+            ("recover_augment", self.recover_augment, AUGMENT),
         ):
             if value not in choices:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}"
                 )
-        for name in ("samples_per_class", "projections", "eval_samples", "runs"):
+        for name in (
+            "samples_per_class",
+            "projections",
+            "eval_samples",
+            "runs",
+            "rounds",
+            "recover_batch_size",
+            "max_drop_tries",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
+        if self.recover_steps is not None and self.recover_steps < 1:
+            raise ConfigError(f"--recover-steps must be at least 1, got {self.recover_steps}")
+        if not self.recover_epochs > 0:
+            raise ConfigError(f"--recover-epochs must be > 0, got {self.recover_epochs}")
+        if self.recover_lr is not None and not self.recover_lr > 0:
+            raise ConfigError(f"--recover-lr must be > 0, got {self.recover_lr}")
+        if self.recover_patience < 0 or self.recover_heldout < 0:
+            raise ConfigError("--recover-patience and --recover-heldout must be >= 0")
+        if self.max_drop is not None:
+            if not 0.0 <= self.max_drop < 100.0:
+                raise ConfigError(
+                    f"--max-drop is in top-1 points (0 to 100, e.g. 1.0), got {self.max_drop}"
+                )
+            if self.target is not None:
+                raise ConfigError("give either --target or --max-drop, not both")
+        if self.rounds > 1 and self.target is None:
+            raise ConfigError("--rounds needs --target (the share of FLOPs to remove in all)")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.input_shape is not None and (

@@ -9,6 +9,7 @@ device skips the slow stage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from calibration.data import CalibrationSet
 from calibration.errors import FairEdgeError
 from calibration.fileio import atomic_write_bytes
-from devices.config import Options
+from devices.config import DEFAULT_TOD, Options
 from devices.model_source import ModelSource, resolve_model
 from devices.profile import DeviceProfile, load_profile
 from devices.stage_cache import StageCache, hash_arrays, hash_model
@@ -112,6 +113,9 @@ def resolve_inputs(opts: Options) -> Inputs:
         evaluation, same = load_data(opts.eval_data), False
     elif opts.data is None and source.eval_data is not None:
         evaluation, same = source.eval_data, False
+    elif calib.labels is not None and len(calib) >= MIN_SPLIT:
+        calib, evaluation = split_heldout(calib, opts.eval_samples, opts.seed)
+        same = False
     else:
         evaluation, same = calib, True
     if opts.input_shape is not None and list(calib.sample_shape) != list(opts.input_shape):
@@ -130,6 +134,21 @@ def resolve_inputs(opts: Options) -> Inputs:
         )
         evaluation = evaluation.subset(idx)
     return Inputs(source, profile, calib, evaluation, same)
+
+
+MIN_SPLIT = 50  # below this a labelled set is too small to hold a share out for evaluation
+
+
+def split_heldout(
+    cs: CalibrationSet, n_eval: int, seed: int
+) -> tuple[CalibrationSet, CalibrationSet]:
+    """(the rest, a seeded held-out share): accuracy never comes from samples calibrated on."""
+    n = min(n_eval, max(1, len(cs) // 5))
+    order = np.random.default_rng(seed + 7919).permutation(len(cs))
+    held = cs.subset(np.sort(order[:n]))
+    held = dataclasses.replace(held, source=f"{n} samples held out of {cs.source} (never "
+                               "used for calibration or recovery)")  # fmt: skip
+    return cs.subset(np.sort(order[n:])), held
 
 
 def example_input(cs: CalibrationSet) -> torch.Tensor:
@@ -173,6 +192,66 @@ def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelS
             f"model {source.spec!r} has {out.shape[1]} outputs but the data has {cs.num_classes} "
             "classes; set --num-classes or use matching data"
         )
+
+
+# The built-in default shows the product working: half the FLOPs removed, then recovered.
+DEFAULT_MODEL_SETTINGS = {"target": 0.5}
+
+
+def apply_model_defaults(opts: Options, source: ModelSource, notes: list[str]) -> Options:
+    """The built-in default model's own settings, where the user chose no plan of their own."""
+    chose = any(v is not None for v in (opts.tod, opts.target, opts.latency_ms, opts.max_drop,
+                                        opts.plan))  # fmt: skip
+    if source.kind != "default" or chose:
+        return opts
+    changes = {k: v for k, v in DEFAULT_MODEL_SETTINGS.items() if getattr(opts, k) is None}
+    if changes:
+        notes.append(
+            "built-in default settings: "
+            + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+        )
+    return dataclasses.replace(opts, **changes)
+
+
+@dataclass
+class RecoveryPlan:
+    """Whether this run recovers the pruned model, and its data (resolved on first use)."""
+
+    enabled: bool
+    opts: Options
+    inp: Inputs
+    teacher: torch.nn.Module | None
+    _data: Any = None
+
+    @classmethod
+    def of(
+        cls, opts: Options, source: ModelSource, inp: Inputs, model: torch.nn.Module | None
+    ) -> RecoveryPlan:
+        auto = inp.source.kind == "default" or opts.rounds > 1  # it comes with training data
+        enabled = opts.recover if opts.recover is not None else auto
+        if enabled and model is None:
+            raise DeployError(
+                "recovery trains the PyTorch model; an ONNX input cannot be recovered (give "
+                "--model as PyTorch, or drop --recover/--rounds)"
+            )
+        return cls(bool(enabled), opts, inp, model)
+
+    def data(self) -> Any:
+        if self._data is None:
+            from devices.recovery_stage import recovery_data
+
+            self._data = recovery_data(self.opts, self.inp.source.calibration_data,
+                                       self.inp.calibration, self.teacher)  # fmt: skip
+        return self._data
+
+
+def torch_accuracy(model: torch.nn.Module, cs: CalibrationSet) -> float | None:
+    """Top-1 of a torch module on the evaluation data (None when it has no labels)."""
+    if cs.labels is None:
+        return None
+    from pipeline.train import evaluate
+
+    return evaluate(model, cs)
 
 
 # ------------------------------------------------------------------------------ stages
@@ -257,7 +336,7 @@ def make_plan(
             model=model,
         )
     else:
-        result = plan(scores, opts.tod, groups=groups, model=model)
+        result = plan(scores, opts.tod or DEFAULT_TOD, groups=groups, model=model)
     if opts.round and profile.channel_multiple > 1:
         from pipeline.rounding import round_plan
 
@@ -356,7 +435,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "",
         "| ratio (pruned vs original) | value |",
         "|---|---|",
-        f"| latency speed-up (p50, original / pruned) | {_fmt(r['latency_speedup'], '.2f')}x |",
+        f"| latency speed-up (p50, original / pruned) | {_fmt(r['latency_speedup'], '.2f')}x"
+        + (" (a slowdown)" if (r["latency_speedup"] or 1.0) < 1.0 else "")
+        + " |",
         f"| peak memory (pruned / original) | {_fmt(r['memory'], '.3f')} |",
         f"| model file size (pruned / original) | {_fmt(r['size'], '.3f')} |",
         f"| FLOPs (pruned / original) | {_fmt(r['flops'], '.3f')} |",
@@ -373,6 +454,42 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"| top-1 accuracy ({summary['accuracy_on']}) | {_fmt(m['accuracy'][0], '.4f')} | {_fmt(m['accuracy'][1], '.4f')} |",
         "",
     ]
+    stages = summary.get("accuracy_stages") or {}
+    if stages:
+        lines += [f"Top-1 accuracy at each step, on {summary['accuracy_on']}:", "",
+                  "| model | top-1 |", "|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {_fmt(v, '.4f')} |" for k, v in stages.items()]
+        lines.append("")
+    rec = summary.get("recovery")
+    if rec and "rounds" not in rec:
+        lines.append(
+            f"Recovery: {rec['steps']} steps ({rec['config']['optimizer']}, lr "
+            f"{rec['config']['lr']:g}, batch {rec['config']['batch_size']}) on "
+            f"{rec['data']['train']} ({rec['data']['train_samples']} samples); held-out: "
+            f"{rec['data']['heldout']}; {rec['samples_per_second']:.0f} samples/s"
+            + (" (cached)" if rec.get("cached") else "")
+        )
+        lines.append("")
+    elif rec:
+        for r in rec["rounds"]:
+            lines.append(
+                f"- round {r['round']}: FLOPs kept {r['flops_kept']:.3f} (target "
+                f"{r['flops_kept_target']:.3f}), held-out top-1 {_fmt(r['heldout_eval'], '.4f')}"
+            )
+        lines.append("")
+    trade = summary.get("tradeoff")
+    if trade:
+        lines += [f"Accuracy budget: at most {trade['max_drop']} points lost ({trade['fix']}, "
+                  f"on {trade['heldout']}); every plan tried:", "",
+                  "| target | FLOPs removed | top-1 | points lost | within budget |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {p['target']:.3f} | {p['flops_removed']:.3f} | {_fmt(p['accuracy'], '.4f')} | "
+            f"{p['drop_points']:.2f} | "
+            f"{'yes' if p['ok'] else 'no'} |"
+            for p in trade["points"]
+        ]
+        lines.append("")
     for v in summary.get("variants", []):
         lines.append(
             f"- {v['file']}: {v['kind']}, top-1 {_fmt(v.get('accuracy'), '.4f')} "
@@ -399,7 +516,20 @@ def summary_html(summary: dict[str, Any]) -> str:
         )
     )
     title = html.escape(f"fair-edge deploy: {summary['model']} on {summary['device']}")
-    return f"<h1>{title}</h1><table class='ratios'>{rows}</table>"
+    stages = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{_fmt(v, '.4f')}</td></tr>"
+        for k, v in (summary.get("accuracy_stages") or {}).items()
+    )
+    acc = (
+        f"<h2>Top-1 accuracy at each step ({html.escape(summary['accuracy_on'])})</h2>"
+        f"<table class='accuracy'>{stages}</table>"
+        if stages
+        else ""
+    )
+    trade = (
+        "<img src='tradeoff.png' alt='accuracy against FLOPs'>" if summary.get("tradeoff") else ""
+    )
+    return f"<h1>{title}</h1><table class='ratios'>{rows}</table>{acc}{trade}"
 
 
 # ------------------------------------------------------------------------------ deploy
@@ -434,10 +564,11 @@ def deploy(
     timings: dict[str, float] = {}
     hits: dict[str, bool] = {}
     notes: list[str] = []
-    stages = ["scores", "export", "plan", "surgery", "simplify", "tflite", "quantize", "accuracy",
+    stages = ["scores", "export", "plan", "surgery", "recover", "simplify", "tflite", "quantize", "accuracy",
               "measure", "bundle"]  # fmt: skip
     t0 = time.perf_counter()
     inp = resolve_inputs(opts)  # bad input fails here, before any bar or file
+    opts = apply_model_defaults(opts, inp.source, notes)
     source, profile = inp.source, inp.profile
     verify_x = calibration_subset(inp.calibration, VERIFY_SAMPLES, opts.seed)
     if source.model is not None:
@@ -462,44 +593,85 @@ def deploy(
             else:
                 original_proto = load_onnx(source.onnx_path)
                 shutil.copyfile(source.onnx_path, raw_original)
+        rec_stage = RecoveryPlan.of(opts, source, inp, model)
+        rounds = None
+        tradeoff: dict[str, Any] | None = None
         with _stage("plan", timings, bar):
             if opts.plan is not None:
                 the_plan = Plan.load(opts.plan)
                 if model is not None:
                     the_plan.check_model(model)
+            elif opts.rounds > 1:
+                from devices.recovery_stage import prune_in_rounds
+
+                rounds = prune_in_rounds(model, inp.calibration, rec_stage.data(), opts, cache,
+                                         profile.channel_multiple, progress=show_progress(opts))  # fmt: skip
+                the_plan = rounds.plan
+            elif opts.max_drop is not None:
+                from devices.accuracy_plan import plan_for_accuracy
+
+                found = plan_for_accuracy(scores, original_proto, model, opts, profile, rec_stage,
+                                          cache, progress=show_progress(opts))  # fmt: skip
+                the_plan, tradeoff = found.plan, found.to_json()
             else:
                 the_plan = make_plan(scores, original_proto, model, opts, profile)
             if the_plan.pruned_units() == 0:
                 notes.append(
-                    f"the plan removes no unit at ToD {opts.tod}; raise --tod or set --target"
+                    f"the plan removes no unit at ToD {opts.tod or DEFAULT_TOD}; raise --tod or set "
+                    "--target"
                 )
+            if model is not None:
+                the_plan.method.setdefault("input_shape", [1, *inp.calibration.sample_shape])
         pruned_model = None
         bn_recal: dict[str, Any] | None = None
+        recovery: dict[str, Any] | None = None
+        acc_stages: dict[str, float | None] = {}
         with _stage("surgery", timings, bar):
             pruned_proto, surgery = apply_plan(original_proto, the_plan, verify_inputs=verify_x)
+            if model is not None:
+                pruned_model = prune_torch_model(
+                    model, the_plan, example_input(inp.calibration), original_proto
+                )
+                acc_stages["one-shot"] = torch_accuracy(pruned_model, inp.evaluation)
+        with _stage("recover", timings, bar):
             from exporters.bn_recal import batchnorm_layers, recalibrate_onnx
 
             recal = opts.recalibrate_bn
             if recal is None:  # auto: whenever it can be done
                 recal = model is not None and bool(batchnorm_layers(model))
-            if recal:
-                if model is None:
-                    raise DeployError(
-                        "--recalibrate-bn needs the PyTorch model; an ONNX input cannot be "
-                        "recalibrated (drop the flag or give --model as PyTorch)"
-                    )
-                pruned_model = prune_torch_model(
-                    model, the_plan, example_input(inp.calibration), original_proto
+            if recal and model is None:
+                raise DeployError(
+                    "--recalibrate-bn needs the PyTorch model; an ONNX input cannot be "
+                    "recalibrated (drop the flag or give --model as PyTorch)"
                 )
+            if rounds is not None:
+                pruned_model = rounds.model
+                recovery = {"rounds": rounds.rounds}
+            elif recal:
                 recal_x = calibration_subset(inp.calibration, INT8_CALIBRATION, opts.seed)
                 pruned_model, pruned_proto, rep = recalibrate_onnx(
                     pruned_model, pruned_proto, recal_x, verify_x
                 )
                 bn_recal = rep.to_json()
+                acc_stages["BN re-estimated"] = torch_accuracy(pruned_model, inp.evaluation)
                 notes.append(
                     f"BatchNorm statistics of {rep.layers} layers re-estimated on {rep.samples} "
                     "calibration samples (no training)"
                 )
+            if rec_stage.enabled and rounds is None:
+                from devices.recovery_stage import recovery_config, run_recovery
+
+                rec = run_recovery(model, pruned_model, the_plan, rec_stage.data(),
+                                   recovery_config(opts), cache, checkpoint=opts.checkpoint,
+                                   progress=show_progress(opts))  # fmt: skip
+                pruned_model, recovery = rec.model, {**rec.record, "cached": rec.cached}
+                hits["recovery"] = rec.cached
+            if recovery is not None:
+                from exporters.weights import write_back
+
+                pruned_proto, wb = write_back(pruned_model, pruned_proto, verify_x)
+                recovery["onnx_write_back"] = wb.to_json()
+                acc_stages["recovered"] = torch_accuracy(pruned_model, inp.evaluation)
             raw_pruned = work / "pruned.raw.onnx"
             save_model(pruned_proto, raw_pruned)
         with _stage("simplify", timings, bar):
@@ -526,6 +698,7 @@ def deploy(
         with _stage("accuracy", timings, bar):
             acc_orig = accuracy_of(original_onnx, inp.evaluation)
             acc_pruned = accuracy_of(pruned_onnx, inp.evaluation)
+            acc_stages = {"unpruned": acc_orig, **acc_stages, "shipped (pruned ONNX)": acc_pruned}
             for v in variants:
                 v["accuracy"] = accuracy_of(variant_files[v["file"]], inp.evaluation)
                 v["accuracy_change_points"] = (
@@ -551,6 +724,10 @@ def deploy(
                 )
             report_dir = work / "report"
             write_report(report_dir, comparisons)
+            if tradeoff is not None:
+                from devices.accuracy_plan import plot_tradeoff
+
+                plot_tradeoff(tradeoff, report_dir / "tradeoff.png")
             p50 = comparisons[0].original.p50_ms
             if p50 is not None and p50 < TINY_MODEL_MS:
                 notes.append(
@@ -597,6 +774,9 @@ def deploy(
                 },
                 "variants": variants,
                 "bn_recalibration": bn_recal,
+                "accuracy_stages": acc_stages,
+                "recovery": recovery,
+                "tradeoff": tradeoff,
                 "notes": notes,
             }
             if len(comparisons) > 1:
@@ -629,6 +809,13 @@ def deploy(
                 if (report_dir / png).is_file():
                     bundle.add_file(png, report_dir / png, "report")
             bundle.add_text("plan.json", json.dumps(the_plan.to_json(), indent=1) + "\n", "plan")
+            if pruned_model is not None:
+                from exporters.weights import save_pruned_weights
+
+                weights = save_pruned_weights(pruned_model, the_plan, work / "weights.safetensors")
+                bundle.add_file("weights.safetensors", weights, "weights")
+            if tradeoff is not None and (report_dir / "tradeoff.png").is_file():
+                bundle.add_file("tradeoff.png", report_dir / "tradeoff.png", "report")
             bundle.add_text("labels.txt", "\n".join(inp.calibration.class_names) + "\n", "labels")
             bundle.add_text("report.md", md, "report")
             bundle.add_text("report.html", page, "report")
@@ -666,6 +853,14 @@ def deploy(
                 },
                 "ratios": summary["ratios"],
                 "tool_versions": tool_versions(),
+                "pytorch": None
+                if pruned_model is None
+                else {
+                    "weights": "weights.safetensors",
+                    "plan": "plan.json",
+                    "load": "exporters.weights.load_pruned(your_model_factory, 'plan.json', "
+                    "'weights.safetensors')",
+                },
                 "run": {
                     "command": "python "
                     + str(runner_path.name)

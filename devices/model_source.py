@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,17 @@ def _import_factory(spec: str) -> Any:
             if module_spec is None or module_spec.loader is None:
                 raise ModelSourceError(f"cannot import {mod_name!r} as a Python module")
             module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            # registered and with its folder importable, as `python file.py` would have it:
+            # dataclasses and sibling imports in the user's file need both
+            sys.modules[module_spec.name] = module
+            sys.path.insert(0, str(path.resolve().parent))
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(module_spec.name, None)
+                raise
+            finally:
+                sys.path.remove(str(path.resolve().parent))
         else:
             module = importlib.import_module(mod_name)
     except FairEdgeError:

@@ -73,7 +73,12 @@ class Comparison:
 
     def headline(self) -> str:
         r = self.ratios
-        parts = [f"{self.device}: pruned is {r['speedup_p50']:.2f}x faster at p50"]
+        speed = r["speedup_p50"]
+        parts = [
+            f"{self.device}: pruned is {speed:.2f}x faster at p50"
+            if speed >= 1.0
+            else f"{self.device}: pruned is {1.0 / speed:.2f}x SLOWER at p50"
+        ]
         if r["size_ratio"] is not None:
             parts.append(f"{r['size_ratio']:.2f}x the file size")
         if r["peak_rss_ratio"] is not None:

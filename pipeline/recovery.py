@@ -488,9 +488,7 @@ def recover(
     if heldout is not None:
         heldout.require_labels()
         check_pair(student, teacher, heldout)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.eval()  # its outputs are taken under no_grad; its own flags stay the caller's
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise RecoveryError("recovery: the pruned model has no trainable parameter")

@@ -76,6 +76,7 @@ def test_every_subcommand_has_the_shared_flags() -> None:
         "export",
         "bench",
         "deploy",
+        "recover",
         "report",
         "devices",
     }

@@ -78,7 +78,7 @@ def test_bundle_layout_and_hashes(host: dict) -> None:
     assert set(manifest["files"]) == {
         "model.onnx", "model.tflite", "reference/original.onnx", "reference/original.tflite",
         "runner.py", "plan.json", "labels.txt", "report.md", "report.html", "report.json",
-        "latency.png", "bars.png",
+        "latency.png", "bars.png", "weights.safetensors",
     }  # fmt: skip
     for rel, entry in manifest["files"].items():
         assert hashlib.sha256((bundle / rel).read_bytes()).hexdigest() == entry["sha256"]
@@ -268,7 +268,7 @@ def board(tmp_path_factory, host: dict):
                 mp.setenv(f"FAIR_EDGE_RPI4_{key}", value)
             code, out, err = _run(
                 ["deploy", "--device", "rpi4", "--runtime", "onnx", "--quantize", "int8", "--out", str(dist), "--runs", "3",
-                 "--warmup", "1", "--eval-samples", str(EVAL_SAMPLES), "--json", "--quiet"]
+                 "--warmup", "1", "--recover-steps", "60", "--eval-samples", str(EVAL_SAMPLES), "--json", "--quiet"]
             )  # fmt: skip
     finally:
         server.stop()
@@ -317,7 +317,7 @@ def test_emulated_board_over_ssh(board: dict, host: dict) -> None:
     assert rep["summary"]["measured_where"].endswith(f"127.0.0.1:{board['port']} over SSH")
     assert comp["original"]["model"]["sha256"] == m["files"]["reference/original.onnx"]["sha256"]
     # Another device re-uses the host run's scores; the plan is rounded to the Pi's multiple of 4.
-    assert board["result"]["cache"] == {"scores": True}
+    assert board["result"]["cache"]["scores"] is True and "recovery" in board["result"]["cache"]
     plan = Plan.from_json(m["plan"])
     for lp in plan.layers.values():
         if lp.pruned and lp.unrounded_pruned is not None:
@@ -370,3 +370,36 @@ def test_tiny_model_latency_is_flagged_as_noise(host: dict) -> None:
     p50 = summary["metrics"]["latency_p50_ms"][0]
     flagged = any("within measurement noise" in n for n in summary["notes"])
     assert flagged == (p50 < 1.0), (p50, summary["notes"])
+
+
+def test_default_deploy_recovers_and_ships_pytorch_weights(host: dict, eval_set) -> None:
+    """The built-in default halves the FLOPs and recovers; every step's accuracy is reported;
+    the shipped weights load back into SmallCNN and compute what model.onnx computes."""
+    import onnxruntime as ort
+
+    from exporters.weights import load_pruned
+    from pipeline.models import SmallCNN
+    from pipeline.train import DEFAULT_WIDTH
+
+    summary = host["result"]["summary"]
+    stages = summary["accuracy_stages"]
+    assert list(stages) == ["unpruned", "one-shot", "BN re-estimated", "recovered",
+                            "shipped (pruned ONNX)"]  # fmt: skip
+    assert stages["recovered"] > stages["BN re-estimated"] > stages["one-shot"]
+    assert summary["ratios"]["flops"] <= 0.55
+    assert summary["ratios"]["accuracy_change_points"] >= -2.0  # 1000 images; 10,000 in bench
+    assert summary["recovery"]["data"]["train"].startswith("fashion-mnist")
+    assert "test" not in summary["recovery"]["data"]["heldout"]
+    assert any("built-in default settings: --target 0.5" in n for n in summary["notes"])
+    m = host["manifest"]
+    assert m["pytorch"]["weights"] == "weights.safetensors" and "weights.safetensors" in m["files"]
+    model = load_pruned(lambda: SmallCNN(1, 10, DEFAULT_WIDTH), host["bundle"] / "plan.json",
+                        host["bundle"] / "weights.safetensors")  # fmt: skip
+    x = eval_set.inputs[:64]
+    sess = ort.InferenceSession(
+        str(host["bundle"] / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())))

@@ -33,7 +33,12 @@ def test_ratios_come_from_the_measurements(pair) -> None:
     assert r["size_ratio"] == pytest.approx(small.stat().st_size / big.stat().st_size)
     assert r["peak_rss_ratio"] == pytest.approx(b.memory_mb["peak_rss"] / a.memory_mb["peak_rss"])
     assert r["throughput_ratio"] == pytest.approx(b.throughput_ips / a.throughput_ips)
-    assert c.headline().startswith(f"{c.device}: pruned is {r['speedup_p50']:.2f}x faster at p50")
+    s = r["speedup_p50"]
+    want = f"{s:.2f}x faster" if s >= 1 else f"{1 / s:.2f}x SLOWER"  # never "0.98x faster"
+    assert c.headline().startswith(f"{c.device}: pruned is {want} at p50")
+    slow = type(c)(original=c.pruned, pruned=c.original)
+    if slow.ratios["speedup_p50"] < 1:
+        assert "SLOWER" in slow.headline() and "faster" not in slow.headline()
 
 
 def test_report_files(pair, tmp_path: Path) -> None:
