@@ -55,8 +55,13 @@ def plan_for_accuracy(
     cache: StageCache,
     *,
     progress: bool,
+    fixed: Plan | None = None,
 ) -> AccuracyPlan:
-    """Bisect the FLOPs share to remove; keep the largest whose fixed accuracy is within budget."""
+    """Bisect the FLOPs share to remove; keep the largest whose fixed accuracy is within budget.
+
+    With `fixed` (the plan for a --latency-ms target: the least pruning that meets the latency,
+    so the most accurate under it), only that plan is checked against the budget.
+    """
     from devices.deploy import INT8_CALIBRATION, calibration_subset, example_input
     from devices.recovery_stage import recovery_config, run_recovery
     from exporters.bn_recal import batchnorm_layers, recalibrate_bn
@@ -83,11 +88,14 @@ def plan_for_accuracy(
     points: list[dict[str, Any]] = []
     best: tuple[float, Plan] | None = None
 
-    def attempt(target: float) -> bool:
+    def attempt(target: float, given: Plan | None = None) -> bool:
         nonlocal best
-        p = plan_for_budget(scores, target, "flops", cost, groups, model, strict=False)
-        if opts.round and profile.channel_multiple > 1:
-            p = round_plan(p, scores, profile.channel_multiple, mode="nearest", groups=groups)
+        if given is not None:
+            p = given
+        else:
+            p = plan_for_budget(scores, target, "flops", cost, groups, model, strict=False)
+            if opts.round and profile.channel_multiple > 1:
+                p = round_plan(p, scores, profile.channel_multiple, mode="nearest", groups=groups)
         removed = 1.0 - float(cost.remaining(p)["flops"])
         seen = next((q for q in points if q["plan"] == p.digest()), None)
         if seen is not None:  # rounding snapped this target onto a plan already tried
@@ -108,6 +116,17 @@ def plan_for_accuracy(
             best = (removed, p)
         return ok
 
+    if fixed is not None:
+        removed = 1.0 - float(cost.remaining(fixed)["flops"])
+        if not attempt(removed, fixed):
+            raise AccuracyBudgetError(
+                f"the plan for {opts.latency_ms} ms ({removed:.1%} fewer FLOPs) loses "
+                f"{points[-1]['drop_points']:.2f} points after {fix}, more than --max-drop "
+                f"{opts.max_drop}; allow more latency or a larger --max-drop"
+            )
+        fixed.method["accuracy_budget"] = {"max_drop": opts.max_drop, "fix": fix,
+                                           "heldout": data.heldout_source, "points": points}  # fmt: skip
+        return AccuracyPlan(fixed, opts.max_drop, fix, data.heldout_source, baseline, points)
     lo, hi = LOWEST, HIGHEST
     target = 0.5
     for _ in range(opts.max_drop_tries):

@@ -610,8 +610,11 @@ def deploy(
             elif opts.max_drop is not None:
                 from devices.accuracy_plan import plan_for_accuracy
 
+                fixed = None
+                if opts.latency_ms is not None:  # the most accurate plan under the latency
+                    fixed = make_plan(scores, original_proto, model, opts, profile)
                 found = plan_for_accuracy(scores, original_proto, model, opts, profile, rec_stage,
-                                          cache, progress=show_progress(opts))  # fmt: skip
+                                          cache, progress=show_progress(opts), fixed=fixed)  # fmt: skip
                 the_plan, tradeoff = found.plan, found.to_json()
             else:
                 the_plan = make_plan(scores, original_proto, model, opts, profile)

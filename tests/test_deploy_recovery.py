@@ -148,3 +148,15 @@ def test_recovery_of_an_onnx_model_is_refused(setup, tmp_path: Path) -> None:
     code, _, err = _run(["deploy", "--model", str(onnx_file), "--plan", json.loads(out)["plan"],
                          "--data", common[5], "--recover", "--out", str(tmp_path / "x")])  # fmt: skip
     assert code == 2 and "an ONNX input cannot be recovered" in err
+
+
+def test_accuracy_budget_under_a_latency(setup, tmp_path: Path) -> None:
+    """--latency-ms with --max-drop: the latency's plan is checked against the budget (one point)."""
+    _, common = setup
+    base = ["deploy", *common, "--latency-ms", "0.072", "--recover", "--runtime", "onnx",
+            "--runs", "3", "--warmup", "1"]  # fmt: skip
+    code, out, err = _run([*base, "--max-drop", "5", "--out", str(tmp_path / "ok"), "--json"])
+    assert code == 0, err
+    trade = json.loads(out)["summary"]["tradeoff"]
+    assert len(trade["points"]) == 1 and trade["points"][0]["ok"]
+    assert "latency" in Plan.load(Path(json.loads(out)["bundle"]) / "plan.json").method
