@@ -109,7 +109,7 @@ def recovery_data(
         from pipeline.train import predict
 
         labels = predict(teacher, held.inputs).argmax(1).astype(np.int64)
-        held = held.with_labels(labels, source="the unpruned model's top-1")
+        held = held.with_labels(labels, label_source="pseudo")
         held_source += ", labelled by the unpruned model (agreement)"
     return RecoveryData(train, held, source, held_source)
 

@@ -80,6 +80,10 @@ def test_deploy_in_rounds_ships_one_composed_plan(setup, tmp_path: Path) -> None
     )  # BN folded
     stages = summary["accuracy_stages"]
     assert stages["recovered"] == pytest.approx(stages["shipped (pruned ONNX)"], abs=0.01)
+    from devices.deploy import TINY_MODEL_MS  # this 0.03 ms model is flagged, the default is not
+
+    tiny = summary["metrics"]["latency_p50_ms"][0] < TINY_MODEL_MS
+    assert tiny == any("within measurement noise" in n for n in summary["notes"])
     model = load_pruned(digits_net, plan, bundle / "weights.safetensors")
     x = prep.test.inputs[:64]
     with torch.no_grad():
@@ -160,3 +164,23 @@ def test_accuracy_budget_under_a_latency(setup, tmp_path: Path) -> None:
     trade = json.loads(out)["summary"]["tradeoff"]
     assert len(trade["points"]) == 1 and trade["points"][0]["ok"]
     assert "latency" in Plan.load(Path(json.loads(out)["bundle"]) / "plan.json").method
+
+
+def test_label_free_recovery_through_the_cli(setup, tmp_path: Path) -> None:
+    """Unlabelled --recover-data: distillation alone; the held-out share is labelled by the
+    unpruned model (agreement), and the report says so."""
+    prep, common = setup
+    unlabelled = tmp_path / "unlabelled.npy"
+    np.save(unlabelled, prep.train.inputs)
+    code, out, err = _run(["recover", *common, "--recover-data", str(unlabelled), "--target",
+                           "0.6", "--out", str(tmp_path), "--json"])  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["recovery"]["label_free"] is True
+    assert "labelled by the unpruned model" in res["recovery"]["data"]["heldout"]
+    assert res["accuracy"]["recovered"] > res["accuracy"]["one-shot"] + 0.03
+    empty = tmp_path / "none.npy"
+    np.save(empty, prep.train.inputs[:1])
+    code, _, err = _run(["recover", *common, "--recover-data", str(empty), "--target", "0.6",
+                         "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2 and "recovery needs" in err and len(err.strip().splitlines()) == 1
