@@ -31,7 +31,7 @@ system-deps:
 $(STAMP): pyproject.toml constraints.txt | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[tflite,vision,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[tflite,vision,data,dev]'
 	touch $(STAMP)
 
 test: setup sysroot

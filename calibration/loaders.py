@@ -149,7 +149,12 @@ def load_digits(*, flat: bool = False) -> CalibrationSet:
 
     `flat=True` gives N x 64 features (for an MLP); otherwise N x 1 x 8 x 8 images.
     """
-    from sklearn.datasets import load_digits as _sk_digits
+    try:
+        from sklearn.datasets import load_digits as _sk_digits
+    except ImportError as exc:
+        raise CalibrationError(
+            "the 'digits' data needs scikit-learn: pip install 'fair-edge[data]'"
+        ) from exc
 
     d = _sk_digits()
     pre = Preprocessing(scale=1 / 16, channels=None if flat else 1)

@@ -30,6 +30,7 @@ from devices.config import (
     Options,
     resolve,
 )
+from devices.quiet import silenced
 
 EXIT_ERROR = 2
 
@@ -467,7 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         opts = _options(args)
-        return COMMANDS[args.command](opts, args)
+        # Third-party libraries (absl, TFLite, torchao, torch) write to stderr themselves; under
+        # --quiet/--json only fair-edge's own error line (printed below, after) may reach it.
+        expected = (FairEdgeError, KeyboardInterrupt)
+        with silenced(bool(opts.quiet or opts.json), expected=expected):
+            return COMMANDS[args.command](opts, args)
     except FairEdgeError as exc:
         message = " ".join(str(exc).split())
         print(f"fair-edge: error: {message}", file=sys.stderr)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -30,6 +30,13 @@ from pipeline.plan import LayerPlan, Plan, PlanError
 
 RoundMode = Literal["nearest", "up", "down"]
 MODES: tuple[str, ...] = ("nearest", "up", "down")
+
+
+class RemainingCost(Protocol):
+    """What rounding needs of a cost model (exporters.costs.OnnxCostModel fits; pipeline does not
+    import exporters, so it is taken by shape)."""
+
+    def remaining(self, plan: Plan) -> Mapping[str, float]: ...
 
 
 def allowed_counts(n: int, multiple: int) -> list[int]:
@@ -131,6 +138,7 @@ def round_plan(
     multiple: int,
     mode: str = "nearest",
     groups: list[ChannelGroup] | None = None,
+    cost: RemainingCost | None = None,
 ) -> Plan:
     """A copy of `plan` whose every layer/group keeps a multiple of `multiple` units (see module doc).
 
@@ -138,6 +146,9 @@ def round_plan(
     plan's own groups. Every rounded layer records its pruned count before rounding in
     `unrounded_pruned` (the first rounding's, if the plan was rounded before; frozen groups are
     not rounded and record nothing); `method['rounding']` records the multiple and mode.
+    Rounding moves the share a budget plan removes, so with a `cost` model a plan made for a
+    budget gets `method['budget']['achieved']` re-measured after rounding, the figure from
+    before kept as `achieved_before_rounding` (without `cost` the budget record is left alone).
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int | np.integer) or multiple < 1:
         raise PlanError(f"channel multiple must be a positive integer, got {multiple!r}")
@@ -176,7 +187,23 @@ def round_plan(
         changed += len(lps)
     out.method = dict(out.method)
     out.method["rounding"] = {"multiple": multiple, "mode": mode, "layers_changed": changed}
+    if cost is not None and isinstance(out.method.get("budget"), Mapping):
+        out.method["budget"] = _rounded_budget(out, dict(out.method["budget"]), cost)
     return out
+
+
+def _rounded_budget(plan: Plan, budget: dict[str, Any], cost: RemainingCost) -> dict[str, Any]:
+    """The budget record with `achieved` measured on the rounded plan (the share it removes)."""
+    metric = budget.get("metric")
+    shares = cost.remaining(plan)
+    if metric not in shares:
+        raise PlanError(
+            f"the plan's budget counts {metric!r} but the cost model gives only "
+            f"{', '.join(sorted(shares))}; re-plan with one of those metrics"
+        )
+    budget.setdefault("achieved_before_rounding", budget.get("achieved"))
+    budget["achieved"] = 1.0 - float(shares[metric])
+    return budget
 
 
 def _checked_u(scores: Any, name: str, n: int) -> np.ndarray:

@@ -49,6 +49,19 @@ def test_profiles_name_no_real_host() -> None:
         assert load_profile(path.stem).ssh.key == ""
 
 
+def test_profiles_cite_public_sources_only() -> None:
+    """A figure's source must be one a reader can open: no file outside the repository."""
+    paths = sorted(PROFILE_DIR.glob("*.toml"))
+    assert paths
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        assert "DEVICE_FACTS" not in text and "shared/" not in text, path.name
+    for name in BOARDS:  # every board's own figures name a public page or document
+        p = load_profile(name)
+        for source in (p.compute.source, p.bandwidth.source, p.channel_multiple_source):
+            assert re.search(r"https?://", source), (name, source)
+
+
 def test_ssh_settings_from_environment() -> None:
     p = load_profile("rpi4")
     env = {

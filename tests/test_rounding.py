@@ -175,3 +175,68 @@ def test_bad_input_is_one_line_error() -> None:
     mixed = _plan({"a": (8, [0]), "b": (8, [1])}, [g])
     with pytest.raises(PlanError, match="different channels"):
         round_plan(mixed, {"a": np.ones(8), "b": np.ones(8)}, 4)
+
+
+class _UnitShare:
+    """Share of units kept: a stand-in cost model with a figure easy to check by hand."""
+
+    def remaining(self, p: Plan) -> dict[str, float]:
+        kept = sum(lp.kept for lp in p.layers.values()) / sum(
+            lp.n_units for lp in p.layers.values()
+        )
+        return {"params": kept, "flops": kept}
+
+
+def test_budget_records_the_share_removed_after_rounding() -> None:
+    plan = _plan({"a": (10, [0, 1, 2]), "b": (10, [0, 1, 2, 3])})  # 7 of 20 removed
+    plan.method["budget"] = {"metric": "flops", "target": 0.3, "achieved": 0.35}
+    u = {"a": np.arange(10.0), "b": np.arange(10.0)}
+    out = round_plan(plan, u, 4, "up", cost=_UnitShare())  # kept 8 and 8: 4 of 20 removed
+    assert out.method["budget"] == {
+        "metric": "flops",
+        "target": 0.3,
+        "achieved": pytest.approx(0.2),
+        "achieved_before_rounding": 0.35,
+    }
+    assert plan.method["budget"]["achieved"] == 0.35  # the input plan is left as it was
+    # rounding again keeps the first figure from before rounding
+    again = round_plan(out, u, 8, "down", cost=_UnitShare())
+    assert again.method["budget"]["achieved_before_rounding"] == 0.35
+    assert again.method["budget"]["achieved"] == pytest.approx(0.2)
+    # without a cost model, or without a budget, nothing is claimed about the budget
+    assert round_plan(plan, u, 4, "up").method["budget"] == plan.method["budget"]
+    assert "budget" not in round_plan(_plan({"a": (10, [0])}), u, 4, cost=_UnitShare()).method
+
+
+def test_budget_metric_the_cost_model_lacks_is_an_error() -> None:
+    plan = _plan({"a": (10, [0, 1, 2])})
+    plan.method["budget"] = {"metric": "latency", "target": 0.3, "achieved": 0.3}
+    with pytest.raises(PlanError, match="budget counts 'latency'"):
+        round_plan(plan, {"a": np.arange(10.0)}, 4, cost=_UnitShare())
+
+
+def test_deploy_plan_for_a_target_records_flops_after_rounding() -> None:
+    import torch
+
+    from devices.config import Options
+    from devices.deploy import make_plan
+    from devices.profile import load_profile
+    from exporters.costs import OnnxCostModel
+    from exporters.onnx_export import export_onnx
+    from pipeline.models import ResNet
+    from pipeline.scoring import score
+
+    torch.manual_seed(0)
+    model = ResNet(blocks=(1, 1), widths=(8, 16), num_classes=4).eval()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(24) % 4
+    x = torch.randn(24, 3, 8, 8, generator=g) + 0.3 * y.float().view(-1, 1, 1, 1)
+    scores = score(model, (x, y), samples_per_class=6, projections=8, progress=False)
+    proto = export_onnx(model, x[:1], None)
+    profile = load_profile("rpi5")  # channel multiple 8
+    result = make_plan(scores, proto, model, Options(target=0.3, metric="flops"), profile)
+    budget = result.method["budget"]
+    assert result.method["rounding"]["layers_changed"] > 0
+    assert budget["achieved"] == pytest.approx(1 - OnnxCostModel(proto).remaining(result)["flops"])
+    assert budget["achieved_before_rounding"] >= 0.3
+    assert budget["achieved"] != pytest.approx(budget["achieved_before_rounding"])
