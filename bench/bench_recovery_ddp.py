@@ -85,6 +85,27 @@ def worker(folder: Path, out: Path, steps: int) -> None:
                                                         "world": r.world_size}))  # fmt: skip
 
 
+def outputs_compared(
+    folder: Path, one: dict[str, torch.Tensor], two: dict[str, torch.Tensor]
+) -> tuple[float, float]:
+    """Largest logit difference and top-1 agreement of the two results on 1,000 test images."""
+    from exporters.weights import load_pruned
+    from pipeline.models import SmallCNN
+    from pipeline.train import DEFAULT_WIDTH, default_data
+
+    x = torch.from_numpy(default_data("test").inputs[:1000])
+    outs = []
+    for state in (one, two):
+        m = load_pruned(lambda: SmallCNN(1, 10, DEFAULT_WIDTH), folder / "plan.json",
+                        folder / "student.safetensors")  # fmt: skip
+        m.load_state_dict(state)
+        with torch.no_grad():
+            outs.append(m.eval()(x))
+    return float((outs[0] - outs[1]).abs().max()), float(
+        (outs[0].argmax(1) == outs[1].argmax(1)).float().mean()
+    )
+
+
 def plain_training(steps: int) -> float:
     from pipeline.train import default_data, default_model
 
@@ -128,6 +149,7 @@ def main() -> None:
                            env={**os.environ}, capture_output=True)  # fmt: skip
             got[name] = (load_file(out), json.loads(out.with_suffix(".json").read_text()))
         diff = max(float((got["one"][0][k] - got["two"][0][k]).abs().max()) for k in got["one"][0])
+        logits, agree = outputs_compared(folder, got["one"][0], got["two"][0])
     one, two = got["one"][1]["samples_per_second"], got["two"][1]["samples_per_second"]
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
@@ -146,7 +168,11 @@ Model: the built-in default (SmallCNN width 32) pruned as `make deploy` prunes i
 | recover(), 1 process, 2 threads | {one:.0f} | {one / plain:.2f} of plain training |
 | recover(), torchrun 2 processes x 1 thread (gloo, loopback) | {two:.0f} | {two / one:.2f}x the 1-process run |
 
-Largest weight difference, 2 processes vs 1: {diff:.2e} (the test's tolerance: 1e-5).
+Largest weight difference, 2 processes vs 1: {diff:.2e}; largest logit difference on 1,000
+test images {logits:.2e}, top-1 agreement {agree:.4f}. The 2-process test (12 AdamW steps on
+the digits net) holds weights within 1e-5; over longer runs AdamW's normalised step turns the
+different summation order of the all-reduce into differences up to about one learning rate
+(1e-3) on weights whose gradient is near zero, which the outputs barely show.
 recover() runs a teacher forward pass per step on top of the pruned student's forward and
 backward, and augments the batch. On 2 cores the two processes share the cores the one
 process used, so the scaling shows the cost of the gradient all-reduce, not more hardware.
