@@ -426,119 +426,162 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """The report's lead: ratios first (latency, memory, size, FLOPs, accuracy)."""
+def summary_title(summary: dict[str, Any]) -> str:
+    return f"fair-edge deploy: {summary['model']} on {summary['device']}"
+
+
+def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> list[dict[str, Any]]:
+    """The report's lead as sections (both report.md and report.html render them): ratios first
+    (latency, memory, size, FLOPs, accuracy), then accuracy at each step, recovery, the accuracy
+    budget, variants and notes. runtime: what the latency ratio was measured with."""
+    from devices.report import bullets, image, para, section, table
+
     r = summary["ratios"]
     m = summary["metrics"]
-    lines = [
-        f"# fair-edge deploy: {summary['model']} on {summary['device']}",
-        "",
-        f"Measured {summary['measured_where']} ({summary['measured_why']}); original and pruned "
-        "timed back to back in one run."
-        + (
-            ""
-            if summary.get("representative", True)
-            else " Latency under emulation is NOT representative of the board; sizes, FLOPs and "
-            "accuracy are."
+    on = f", {runtime}" if runtime else ""
+    speed = f"{_fmt(r['latency_speedup'], '.2f')}x" + (
+        " (a slowdown)" if (r["latency_speedup"] or 1.0) < 1.0 else ""
+    )
+    ratio_rows = [
+        (f"latency speed-up (p50, original / pruned{on})", speed),
+        ("peak memory (pruned / original)", _fmt(r["memory"], ".3f")),
+        ("model file size (pruned / original)", _fmt(r["size"], ".3f")),
+        ("FLOPs (pruned / original)", _fmt(r["flops"], ".3f")),
+        ("parameters (pruned / original)", _fmt(r["params"], ".3f")),
+        ("top-1 accuracy change (points)", _fmt(r["accuracy_change_points"], "+.2f")),
+    ]
+    metric_rows = [
+        (f"latency p50 (ms{on})", _fmt(m["latency_p50_ms"][0]), _fmt(m["latency_p50_ms"][1])),
+        ("peak RSS (MB)", _fmt(m["peak_rss_mb"][0], ".1f"), _fmt(m["peak_rss_mb"][1], ".1f")),
+        ("file size (bytes)", f"{m['size_bytes'][0]:,}", f"{m['size_bytes'][1]:,}"),
+        ("FLOPs", f"{m['flops'][0]:,}", f"{m['flops'][1]:,}"),
+        ("parameters", f"{m['params'][0]:,}", f"{m['params'][1]:,}"),
+        (
+            f"top-1 accuracy ({summary['accuracy_on']})",
+            _fmt(m["accuracy"][0], ".4f"),
+            _fmt(m["accuracy"][1], ".4f"),
         ),
-        "",
-        "| ratio (pruned vs original) | value |",
-        "|---|---|",
-        f"| latency speed-up (p50, original / pruned) | {_fmt(r['latency_speedup'], '.2f')}x"
-        + (" (a slowdown)" if (r["latency_speedup"] or 1.0) < 1.0 else "")
-        + " |",
-        f"| peak memory (pruned / original) | {_fmt(r['memory'], '.3f')} |",
-        f"| model file size (pruned / original) | {_fmt(r['size'], '.3f')} |",
-        f"| FLOPs (pruned / original) | {_fmt(r['flops'], '.3f')} |",
-        f"| parameters (pruned / original) | {_fmt(r['params'], '.3f')} |",
-        f"| top-1 accuracy change (points) | {_fmt(r['accuracy_change_points'], '+.2f')} |",
-        "",
-        "| | original | pruned |",
-        "|---|---|---|",
-        f"| latency p50 (ms) | {_fmt(m['latency_p50_ms'][0])} | {_fmt(m['latency_p50_ms'][1])} |",
-        f"| peak RSS (MB) | {_fmt(m['peak_rss_mb'][0], '.1f')} | {_fmt(m['peak_rss_mb'][1], '.1f')} |",
-        f"| file size (bytes) | {m['size_bytes'][0]:,} | {m['size_bytes'][1]:,} |",
-        f"| FLOPs | {m['flops'][0]:,} | {m['flops'][1]:,} |",
-        f"| parameters | {m['params'][0]:,} | {m['params'][1]:,} |",
-        f"| top-1 accuracy ({summary['accuracy_on']}) | {_fmt(m['accuracy'][0], '.4f')} | {_fmt(m['accuracy'][1], '.4f')} |",
-        "",
+    ]
+    out = [
+        section(
+            None,
+            para(
+                f"Measured {summary['measured_where']} ({summary['measured_why']}); original and "
+                "pruned timed back to back in one run."
+                + (
+                    ""
+                    if summary.get("representative", True)
+                    else " Latency under emulation is NOT representative of the board; sizes, "
+                    "FLOPs and accuracy are."
+                )
+            ),
+            table(["ratio (pruned vs original)", "value"], ratio_rows, "ratios", "lr"),
+            table(["", "original", "pruned"], metric_rows, "metrics"),
+            cls="lead",
+        )
     ]
     stages = summary.get("accuracy_stages") or {}
     if stages:
-        lines += [f"Top-1 accuracy at each step, on {summary['accuracy_on']}:", "",
-                  "| model | top-1 |", "|---|---|"]  # fmt: skip
-        lines += [f"| {k} | {_fmt(v, '.4f')} |" for k, v in stages.items()]
-        lines.append("")
+        out.append(
+            section(
+                f"Top-1 accuracy at each step, on {summary['accuracy_on']}",
+                table(
+                    ["model", "top-1"], [(k, _fmt(v, ".4f")) for k, v in stages.items()], "accuracy"
+                ),  # fmt: skip
+                cls="accuracy",
+            )
+        )
     rec = summary.get("recovery")
     if rec and "rounds" not in rec:
-        lines.append(
-            f"Recovery: {rec['steps']} steps ({rec['config']['optimizer']}, lr "
-            f"{rec['config']['lr']:g}, batch {rec['config']['batch_size']}) on "
-            f"{rec['data']['train']} ({rec['data']['train_samples']} samples); held-out: "
-            f"{rec['data']['heldout']}; {rec['samples_per_second']:.0f} samples/s"
-            + (" (cached)" if rec.get("cached") else "")
-        )
-        lines.append("")
-    elif rec:
-        for r in rec["rounds"]:
-            lines.append(
-                f"- round {r['round']}: FLOPs kept {r['flops_kept']:.3f} (target "
-                f"{r['flops_kept_target']:.3f}), held-out top-1 {_fmt(r['heldout_eval'], '.4f')}"
+        out.append(
+            section(
+                "Recovery",
+                para(
+                    f"Recovery: {rec['steps']} steps ({rec['config']['optimizer']}, lr "
+                    f"{rec['config']['lr']:g}, batch {rec['config']['batch_size']}) on "
+                    f"{rec['data']['train']} ({rec['data']['train_samples']} samples); held-out: "
+                    f"{rec['data']['heldout']}; {rec['samples_per_second']:.0f} samples/s"
+                    + (" (cached)" if rec.get("cached") else "")
+                ),
+                cls="recovery",
             )
-        lines.append("")
+        )
+    elif rec:
+        out.append(
+            section(
+                "Recovery rounds",
+                bullets(
+                    [
+                        f"round {x['round']}: FLOPs kept {x['flops_kept']:.3f} (target "
+                        f"{x['flops_kept_target']:.3f}), held-out top-1 "
+                        f"{_fmt(x['heldout_eval'], '.4f')}"
+                        for x in rec["rounds"]
+                    ]
+                ),
+                cls="recovery",
+            )
+        )
     trade = summary.get("tradeoff")
     if trade:
-        lines += [f"Accuracy budget: at most {trade['max_drop']} points lost ({trade['fix']}, "
-                  f"on {trade['heldout']}); every plan tried:", "",
-                  "| target | FLOPs removed | top-1 | points lost | within budget |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        lines += [
-            f"| {p['target']:.3f} | {p['flops_removed']:.3f} | {_fmt(p['accuracy'], '.4f')} | "
-            f"{p['drop_points']:.2f} | "
-            f"{'yes' if p['ok'] else 'no'} |"
-            for p in trade["points"]
-        ]
-        lines.append("")
-    for v in summary.get("variants", []):
-        lines.append(
-            f"- {v['file']}: {v['kind']}, top-1 {_fmt(v.get('accuracy'), '.4f')} "
-            f"(change vs pruned fp32 {_fmt(v.get('accuracy_change_points'), '+.2f')} points), "
-            f"{v['size_bytes']:,} bytes"
+        out.append(
+            section(
+                "Accuracy budget",
+                para(
+                    f"Accuracy budget: at most {trade['max_drop']} points lost ({trade['fix']}, "
+                    f"on {trade['heldout']}); every plan tried:"
+                ),
+                table(
+                    ["target", "FLOPs removed", "top-1", "points lost", "within budget"],
+                    [
+                        (
+                            f"{p['target']:.3f}",
+                            f"{p['flops_removed']:.3f}",
+                            _fmt(p["accuracy"], ".4f"),
+                            f"{p['drop_points']:.2f}",
+                            "yes" if p["ok"] else "no",
+                        )
+                        for p in trade["points"]
+                    ],
+                    "tradeoff",
+                ),
+                image("tradeoff.png", "accuracy against FLOPs"),
+                cls="tradeoff",
+            )
         )
-    for note in summary.get("notes", []):
-        lines.append(f"- note: {note}")
-    return "\n".join(lines).rstrip() + "\n\n"
+    variants = summary.get("variants") or []
+    if variants:
+        out.append(
+            section(
+                "Variants",
+                bullets(
+                    [
+                        f"{v['file']}: {v['kind']}, top-1 {_fmt(v.get('accuracy'), '.4f')} "
+                        f"(change vs pruned fp32 {_fmt(v.get('accuracy_change_points'), '+.2f')} "
+                        f"points), {v['size_bytes']:,} bytes"
+                        for v in variants
+                    ]
+                ),
+                cls="variants",
+            )
+        )
+    notes = summary.get("notes") or []
+    if notes:
+        out.append(section("Notes", bullets([str(n) for n in notes]), cls="notes"))
+    return out
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The report's lead alone, as Markdown (the bundle renders it with the device report)."""
+    from devices.report import render, report_context
+
+    return render(report_context(summary_title(summary), summary_sections(summary)), "md")
 
 
 def summary_html(summary: dict[str, Any]) -> str:
-    import html
+    """The report's lead alone, as an HTML page (same sections as summary_markdown)."""
+    from devices.report import render, report_context
 
-    rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-        for k, v in (
-            ("latency speed-up (p50)", f"{_fmt(summary['ratios']['latency_speedup'], '.2f')}x"),
-            ("peak memory ratio", _fmt(summary["ratios"]["memory"])),
-            ("size ratio", _fmt(summary["ratios"]["size"])),
-            ("FLOPs ratio", _fmt(summary["ratios"]["flops"])),
-            ("parameters ratio", _fmt(summary["ratios"]["params"])),
-            ("accuracy change (points)", _fmt(summary["ratios"]["accuracy_change_points"], "+.2f")),
-        )
-    )
-    title = html.escape(f"fair-edge deploy: {summary['model']} on {summary['device']}")
-    stages = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{_fmt(v, '.4f')}</td></tr>"
-        for k, v in (summary.get("accuracy_stages") or {}).items()
-    )
-    acc = (
-        f"<h2>Top-1 accuracy at each step ({html.escape(summary['accuracy_on'])})</h2>"
-        f"<table class='accuracy'>{stages}</table>"
-        if stages
-        else ""
-    )
-    trade = (
-        "<img src='tradeoff.png' alt='accuracy against FLOPs'>" if summary.get("tradeoff") else ""
-    )
-    return f"<h1>{title}</h1><table class='ratios'>{rows}</table>{acc}{trade}"
+    return render(report_context(summary_title(summary), summary_sections(summary)), "html")
 
 
 # ------------------------------------------------------------------------------ deploy
@@ -806,9 +849,14 @@ def deploy(
                 "options": opts.to_json(),
                 "device_report": device_report,
             }
-            md = summary_markdown(summary) + (report_dir / "report.md").read_text()
-            page = (report_dir / "report.html").read_text()
-            page = page.replace("<body>", "<body>" + summary_html(summary), 1)
+            from devices.report import device_sections, render, report_context, runtime_label
+
+            context = report_context(
+                summary_title(summary),
+                summary_sections(summary, runtime_label(head.original, full=False))
+                + device_sections(comparisons, lead=False),
+            )
+            md, page = render(context, "md"), render(context, "html")
             bundle = BundleSpec(name=opts.name or f"{source.name}-{profile.name}")
             bundle.add_file("model.onnx", pruned_onnx, "model")
             bundle.add_file("reference/original.onnx", original_onnx, "reference")

@@ -8,9 +8,10 @@ a separate, labelled section and are never put in a ratio with a measurement.
 from __future__ import annotations
 
 import datetime as dt
-import html
+import functools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,172 @@ def _rows(c: Comparison) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "tflite": "TFLite"}
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def runtime_label(m: Measurement, full: bool = True) -> str:
+    """The runtime a measurement ran on, as headings and plots name it.
+
+    full: "ONNX Runtime 1.20.1 (CPUExecutionProvider)", "TFLite (ai-edge-litert 2.3.0)";
+    short: "ONNX Runtime 1.20.1", "TFLite 2.3.0".
+    """
+    rt = m.runtime or {}
+    raw = str(rt.get("name") or "unknown runtime")
+    name = RUNTIME_NAMES.get(raw, raw)
+    version = rt.get("version")
+    if not full:
+        return f"{name} {version}" if version else name
+    if raw == "tflite":
+        return f"{name} ({rt.get('package') or 'tflite'} {version or 'unknown'})"
+    providers = ", ".join(rt.get("providers_used") or [])
+    text = f"{name} {version}" if version else name
+    return f"{text} ({providers})" if providers else text
+
+
+def _where(c: Comparison) -> str:
+    m = c.original
+    return m.profile if m.where == "local" else f"{m.profile}, {m.where}"
+
+
+# Blocks of a section; both templates render each kind, so Markdown and HTML carry the same
+# sections with the same content.
+def para(text: str) -> dict[str, Any]:
+    return {"kind": "p", "text": text}
+
+
+def quote(text: str) -> dict[str, Any]:
+    return {"kind": "quote", "text": text}
+
+
+def bullets(entries: list[str], strong: bool = False) -> dict[str, Any]:
+    return {"kind": "list", "entries": list(entries), "strong": strong}
+
+
+def table(header: list[str], rows: list[Any], cls: str, align: str | None = None) -> dict[str, Any]:
+    """align: one letter per column, l or r (default: first column left, the rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    return {
+        "kind": "table",
+        "header": list(header),
+        "rows": [list(r) for r in rows],
+        "cls": cls,
+        "align": align,
+    }
+
+
+def image(src: str, alt: str) -> dict[str, Any]:
+    return {"kind": "img", "src": src, "alt": alt}
+
+
+def section(title: str | None, *blocks: dict[str, Any], cls: str = "") -> dict[str, Any]:
+    return {"title": title, "blocks": [b for b in blocks if b], "cls": cls}
+
+
+def device_sections(
+    comparisons: list[Comparison], estimates: list[Estimate] = (), lead: bool = True
+) -> list[dict[str, Any]]:
+    """The device report's sections: headlines, one latency section per runtime, the plots and
+    the estimates. lead: the headlines open the page (no heading of their own)."""
+    out = [
+        section(
+            None if lead else "Measured pairs (original vs pruned)",
+            bullets([c.headline() for c in comparisons], strong=True),
+            cls="headlines",
+        )
+    ]
+    for c in comparisons:
+        a, b = c.original, c.pruned
+        out.append(
+            section(
+                f"Latency — {runtime_label(a)}, {_where(c)}",
+                None
+                if a.representative
+                else quote(f"{a.label}: latency here says the model runs, not how fast."),
+                para(
+                    f"runtime {runtime_label(a)}, {a.threads} threads, {a.runs} / {b.runs} "
+                    f"timed runs after {a.warmup} warm-up; device {c.device}, machine "
+                    f"{a.system.get('machine')}"
+                ),
+                table(["", "original", "pruned", "ratio"], _rows(c), "measurements"),
+                cls="runtime",
+            )
+        )
+    names = ", ".join(dict.fromkeys(runtime_label(c.original, full=False) for c in comparisons))
+    out.append(
+        section(
+            f"Latency plots — {names}",
+            image("latency.png", f"latency distribution, original vs pruned — {names}"),
+            image("bars.png", f"p50 latency before/after — {names}"),
+            cls="plots",
+        )
+    )
+    if estimates:
+        out.append(
+            section(
+                "Estimates (not measurements)",
+                table(
+                    ["profile", "model", "estimate (ms)", "bound", "basis"],
+                    [
+                        (e.profile, e.model, f"{e.latency_ms:.3f}", e.bound, e.basis)
+                        for e in estimates
+                    ],
+                    "estimates",
+                    align="llrll",
+                ),
+                cls="estimates",
+            )
+        )
+    return out
+
+
+def report_context(title: str, sections: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one context both templates render: a title and a list of sections."""
+    titles = [s["title"] for s in sections if s["title"]]
+    dup = sorted({t for t in titles if titles.count(t) > 1})
+    if dup:
+        raise DeviceError(f"report sections share a title: {dup}")
+    return {"title": title, "sections": sections}
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_row(cells: list[Any]) -> str:
+    return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
+
+
+def _md_align(align: str) -> str:
+    return "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+
+
+@functools.cache
+def _environment(fmt: str) -> Any:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=fmt == "html",
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["md_row"] = _md_row
+    env.filters["md_align"] = _md_align
+    return env
+
+
+def render(context: dict[str, Any], fmt: str) -> str:
+    """Render the report context as "md" (report.md.j2) or "html" (report.html.j2)."""
+    if fmt not in ("md", "html"):
+        raise DeviceError(f"report format must be md or html, got {fmt!r}")
+    text = _environment(fmt).get_template(f"report.{fmt}.j2").render(**context)
+    if fmt == "md":
+        text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip() + "\n"
+
+
 def _plots(comparisons: list[Comparison], folder: Path) -> dict[str, str]:
     import matplotlib
 
@@ -224,7 +391,9 @@ def _plots(comparisons: list[Comparison], folder: Path) -> dict[str, str]:
         ax.boxplot(data, orientation="horizontal", showfliers=True)
         ax.set_yticks([1, 2], ["original", "pruned"])
         ax.set_xlabel("latency per inference (ms)")
-        title = c.device if c.original.representative else f"{c.device} [not representative]"
+        title = f"{runtime_label(c.original)} — {c.device}"
+        if not c.original.representative:
+            title += " [not representative]"
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(folder / "latency.png", dpi=100)
@@ -238,8 +407,15 @@ def _plots(comparisons: list[Comparison], folder: Path) -> dict[str, str]:
         bars = ax.bar([x + offset for x in xs], values, width * 0.95, label=name)
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_xticks(
-        list(xs), [c.original.profile + "\n" + c.original.where for c in comparisons], fontsize=8
+        list(xs),
+        [
+            f"{runtime_label(c.original, full=False)}\n{c.original.profile} {c.original.where}"
+            for c in comparisons
+        ],
+        fontsize=8,
     )
+    names = ", ".join(dict.fromkeys(runtime_label(c.original, full=False) for c in comparisons))
+    ax.set_title(f"p50 latency, original vs pruned — {names}", fontsize=9)
     ax.set_ylabel("p50 latency (ms)")
     ax.legend()
     fig.tight_layout()
@@ -249,72 +425,15 @@ def _plots(comparisons: list[Comparison], folder: Path) -> dict[str, str]:
 
 
 def markdown(data: dict[str, Any], comparisons: list[Comparison], estimates: list[Estimate]) -> str:
-    lines = ["# fair-edge device report", ""]
-    lines += [f"- **{h}**" for h in data["headlines"]] + [""]
-    for c in comparisons:
-        lines += [f"## {c.device}", ""]
-        if not c.original.representative:
-            lines += [f"> {c.original.label}: latency here says the model runs, not how fast.", ""]
-        rt = c.original.runtime
-        lines += [
-            f"runtime {rt.get('name')} {rt.get('version')} ({', '.join(rt.get('providers_used', []))}), "
-            f"{c.original.threads} threads, {c.original.runs} / {c.pruned.runs} timed runs after "
-            f"{c.original.warmup} warm-up; machine {c.original.system.get('machine')}",
-            "",
-            "| | original | pruned | ratio |",
-            "|---|---:|---:|---:|",
-        ]
-        lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in _rows(c)]
-        lines += [""]
-    lines += ["![latency distribution](latency.png)", "", "![p50 before/after](bars.png)", ""]
-    if estimates:
-        lines += [
-            "## Estimates (not measurements)",
-            "",
-            "| profile | model | estimate (ms) | bound | basis |",
-            "|---|---|---:|---|---|",
-        ]
-        lines += [
-            f"| {e.profile} | {e.model} | {e.latency_ms:.3f} | {e.bound} | {e.basis} |"
-            for e in estimates
-        ]
-        lines += [""]
-    return "\n".join(lines)
+    ctx = report_context("fair-edge device report", device_sections(comparisons, estimates))
+    return render(ctx, "md")
 
 
 def html_page(
     data: dict[str, Any], comparisons: list[Comparison], estimates: list[Estimate]
 ) -> str:
-    esc = html.escape
-    body = ["<h1>fair-edge device report</h1>", "<ul>"]
-    body += [f"<li><b>{esc(h)}</b></li>" for h in data["headlines"]] + ["</ul>"]
-    for c in comparisons:
-        body.append(f"<h2>{esc(c.device)}</h2>")
-        if not c.original.representative:
-            body.append(f"<p><i>{esc(c.original.label)}</i></p>")
-        body.append("<table><tr><th></th><th>original</th><th>pruned</th><th>ratio</th></tr>")
-        body += ["<tr>" + "".join(f"<td>{esc(x)}</td>" for x in r) + "</tr>" for r in _rows(c)]
-        body.append("</table>")
-    body += [
-        '<img src="latency.png" alt="latency distribution">',
-        '<img src="bars.png" alt="p50 bars">',
-    ]
-    if estimates:
-        body.append(
-            "<h2>Estimates (not measurements)</h2><table><tr><th>profile</th><th>model</th>"
-            "<th>estimate (ms)</th><th>bound</th><th>basis</th></tr>"
-        )
-        body += [
-            f"<tr><td>{esc(e.profile)}</td><td>{esc(e.model)}</td><td>{e.latency_ms:.3f}</td>"
-            f"<td>{esc(e.bound)}</td><td>{esc(e.basis)}</td></tr>"
-            for e in estimates
-        ]
-        body.append("</table>")
-    style = "body{font-family:sans-serif;max-width:60em}td,th{padding:2px 8px;text-align:right}"
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>fair-edge report</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    )
+    ctx = report_context("fair-edge device report", device_sections(comparisons, estimates))
+    return render(ctx, "html")
 
 
 def write_report(
