@@ -899,6 +899,17 @@ def deploy(
                     "evaluation": inp.evaluation.to_json(),
                 },
                 "plan": the_plan.to_json(),
+                "graphs": {
+                    "model.onnx": "the pruned model: surgery of the unsimplified export by "
+                    "plan.json, re-estimated/recovered values written in by name, then simplified "
+                    "(BatchNorm folded, constants folded)",
+                    "reference/original.onnx": "the unpruned model simplified the same way: what "
+                    "model.onnx is timed and compared against; plan.json does not apply to it "
+                    "(BatchNorm is folded)",
+                    "plan.json": "applies to the PyTorch model (exporters.weights.load_pruned) and "
+                    "to its unsimplified ONNX export (exporters.onnx_export.export_onnx, then "
+                    "exporters.surgery.apply_plan)",
+                },
                 "metrics": {
                     "params": {"before": cost_o.params, "after": cost_p.params},
                     "flops": {"before": cost_o.flops, "after": cost_p.flops},

@@ -88,6 +88,8 @@ def test_bundle_layout_and_hashes(host: dict) -> None:
 
 def test_manifest_describes_input_data_plan_and_tools(host: dict) -> None:
     m = host["manifest"]
+    assert "plan.json does not apply" in m["graphs"]["reference/original.onnx"]
+    assert set(m["graphs"]) == {"model.onnx", "reference/original.onnx", "plan.json"}
     assert m["schema"] == "fair-edge/bundle" and m["version"] == 1
     assert m["input"] == {
         "name": "input",
