@@ -71,3 +71,15 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a safetensors file: tensors only, nothing executed (no pickle).
+
+    Raises whatever safetensors raises for a file that is not one; callers turn it into their
+    own one-line error.
+    """
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118

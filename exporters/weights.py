@@ -23,7 +23,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from calibration.fileio import atomic_write_bytes
+from calibration.fileio import atomic_write_bytes, read_safetensors
 from exporters.errors import ExportError, VerificationError
 from exporters.verify import DEFAULT_TOL, ort_session
 from pipeline.plan import Plan
@@ -156,16 +156,12 @@ def load_pruned(
     `model` is the unpruned module or a factory that builds it; any weights it holds are
     replaced. The example input defaults to the plan's recorded input shape.
     """
-    from safetensors import safe_open
-
     from exporters.torch_prune import prune_torch
 
     the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     base = model() if callable(model) and not isinstance(model, nn.Module) else model
     try:
-        with safe_open(os.fspath(weights), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        state, meta = read_safetensors(weights)
     except Exception as exc:
         raise ExportError(
             f"pruned weights {os.fspath(weights)!r} cannot be read ({type(exc).__name__}); give "

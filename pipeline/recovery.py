@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from calibration.data import CalibrationSet
 from calibration.errors import FairEdgeError
-from calibration.fileio import atomic_write_bytes
+from calibration.fileio import atomic_write_bytes, read_safetensors
 
 CHECKPOINT_SCHEMA = "fair-edge/recovery-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -348,12 +348,8 @@ def save_checkpoint(
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and record of a checkpoint; one clear error for anything that is not one."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(os.fspath(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        tensors, meta = read_safetensors(path)
     except Exception as exc:
         raise RecoveryError(
             f"recovery checkpoint {str(path)!r} cannot be read ({type(exc).__name__}); delete it "

@@ -4,9 +4,7 @@ shapes that do not fit the verification data or memory. Each must end in one err
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +13,9 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from cli_helpers import cli_error, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
-from devices.cli import main
 from exporters.bundle import MANIFEST_NAME, BundleError, BundleSpec, verify_bundle, write_bundle
 from exporters.errors import SurgeryError
 from exporters.graph_groups import ChannelGraph
@@ -27,23 +25,7 @@ from exporters.surgery import apply_plan
 from exporters.verify import masked_original
 from pipeline.plan import Plan
 
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def _error(argv: list[str]) -> str:
-    """Run a command that must fail as bad input; return its one error line."""
-    code, out, err = _run(argv)
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and out == ""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fair-edge: error: ")
-    return lines[0]
+_run, _error = run_cli, cli_error
 
 
 # ------------------------------------------------------------------------------ bundles

@@ -3,8 +3,6 @@ code 2 for bad input (and no traceback, no partial output), the console script i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -13,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli_error, run_cli
 
-from devices.cli import SUBCOMMANDS, build_parser, main
+from devices.cli import SUBCOMMANDS, build_parser
 from devices.config import ConfigError, Options, load_config, resolve
 from devices.profile import list_profiles
 from pipeline.models import SmallCNN
@@ -39,22 +38,7 @@ def not_a_module():
 """
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def _error(argv: list[str]) -> str:
-    """Run a command that must fail as bad input; return its one error line."""
-    code, out, err = _run(argv)
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and out == ""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fair-edge: error: ")
-    return lines[0]
+_run, _error = run_cli, cli_error
 
 
 @pytest.fixture()

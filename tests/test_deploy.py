@@ -4,9 +4,7 @@ manifest and report is recomputed here from the shipped files."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -16,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_helpers import run_cli
 from onnx import numpy_helper
 from sshd import LoopbackSshd, start_sshd
 
@@ -24,7 +23,6 @@ from calibration.loaders import (
     FASHION_MNIST_PREPROCESSING,
     load_fashion_mnist,
 )
-from devices.cli import main
 from devices.config import Options
 from devices.deploy import compute_scores
 from devices.profile import load_profile
@@ -38,11 +36,7 @@ from pipeline.train import default_model, evaluate
 EVAL_SAMPLES = 1000
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+_run = run_cli
 
 
 @pytest.fixture(scope="module")

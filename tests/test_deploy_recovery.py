@@ -3,8 +3,6 @@ the default deploy's accuracy at each step, the shipped PyTorch weights, and bad
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -12,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from cli_helpers import run_cli
 from recovery_setup import Prepared, digits_net, prepare
 
-from devices.cli import main
 from exporters.bundle import verify_bundle
 from exporters.weights import load_pruned
 from pipeline.plan import Plan
@@ -22,11 +20,7 @@ from pipeline.plan import Plan
 MODEL = str(Path(__file__).with_name("recovery_setup.py")) + ":digits_net"
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+_run = run_cli
 
 
 @pytest.fixture(scope="module")
