@@ -4,7 +4,7 @@
         [--steps 460] [--rounds 1,2,3]
 
 For each network of the accuracy bench (Fashion-MNIST, trained once) and K in --rounds: K rounds
-of score -> plan -> prune -> BN re-estimate -> recover (devices.recovery_stage.prune_in_rounds,
+of score -> plan -> prune -> BN re-estimate -> recover (fair_edge.recovery_stage.prune_in_rounds,
 the code `fair-edge deploy --rounds K` runs), each round recovering for steps/K steps, so every K
 spends the same training budget. Top-1 on all 10,000 test images; the held-out share of the
 training set picks the best weights. Writes bench/results-rounds.json and
@@ -23,9 +23,9 @@ from typing import Any
 
 from bench.accuracy_models import trained
 from calibration.fileio import atomic_write_text
-from devices.config import Options
-from devices.recovery_stage import recovery_data
-from devices.stage_cache import StageCache
+from fair_edge.config import Options
+from fair_edge.recovery_stage import recovery_data
+from fair_edge.stage_cache import StageCache
 from pipeline.train import default_data, evaluate
 
 ROOT = Path(__file__).resolve().parent
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent
 
 def run_one(name: str, target: float, steps: int, rounds: int, cache: StageCache) -> dict[str, Any]:
     """K rounds toward `target` with steps/K recovery steps each; test top-1 of the result."""
-    from devices.recovery_stage import prune_in_rounds
+    from fair_edge.recovery_stage import prune_in_rounds
 
     model, meta = trained(name, progress=False)
     train, test = default_data("train"), default_data("test")

@@ -1,1 +1,1 @@
-"""Device profiles, runners (local, SSH, emulated), measurements, reports and the CLI."""
+"""Device profiles, runners (local, SSH, emulated), measurements, reports, latency models."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from devices.cli import main
+from fair_edge.cli import main
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

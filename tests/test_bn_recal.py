@@ -19,7 +19,6 @@ from torch import nn
 
 from calibration.loaders import load_fashion_mnist
 from calibration.sampling import balanced_sample
-from devices.cli import main
 from exporters.bn_recal import apply_bn_stats, recalibrate_bn, recalibrate_onnx
 from exporters.errors import ExportError
 from exporters.evaluate import onnx_outputs, top1
@@ -27,6 +26,7 @@ from exporters.graph_groups import find_groups
 from exporters.onnx_export import export_onnx
 from exporters.surgery import apply_plan
 from exporters.torch_prune import prune_torch
+from fair_edge.cli import main
 from pipeline.planning import plan_for_budget
 from pipeline.scoring import score
 from pipeline.train import default_model

@@ -13,9 +13,9 @@ import pytest
 import torch
 from cli_helpers import cli_error, run_cli
 
-from devices.cli import SUBCOMMANDS, build_parser
-from devices.config import ConfigError, Options, load_config, resolve
 from devices.profile import list_profiles
+from fair_edge.cli import SUBCOMMANDS, build_parser
+from fair_edge.config import ConfigError, Options, load_config, resolve
 from pipeline.models import SmallCNN
 from pipeline.plan import Plan
 
@@ -231,7 +231,7 @@ def test_plan_for_a_latency_on_the_host(model_file: Path, tmp_path: Path) -> Non
 
 def test_console_script_prints_one_line_and_exits_2() -> None:
     exe = Path(sys.executable).with_name("fair-edge")
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "devices.cli"]
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "fair_edge.cli"]
     proc = subprocess.run(
         [*cmd, "deploy", "--device", "toaster"], capture_output=True, text=True, timeout=300
     )

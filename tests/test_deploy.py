@@ -23,13 +23,13 @@ from calibration.loaders import (
     FASHION_MNIST_PREPROCESSING,
     load_fashion_mnist,
 )
-from devices.config import Options
-from devices.deploy import compute_scores
 from devices.profile import load_profile
-from devices.stage_cache import StageCache
 from exporters.bundle import verify_bundle
 from exporters.costs import count_cost
 from exporters.evaluate import onnx_outputs, tflite_outputs, top1
+from fair_edge.config import Options
+from fair_edge.deploy import compute_scores
+from fair_edge.stage_cache import StageCache
 from pipeline.plan import Plan
 from pipeline.train import default_model, evaluate
 
@@ -362,7 +362,7 @@ def test_disk_full_while_writing_the_bundle(
 
 def test_tiny_model_latency_is_flagged_as_noise(host: dict) -> None:
     """An original under TINY_MODEL_MS gets a note that its latency ratio is within noise."""
-    from devices.deploy import TINY_MODEL_MS
+    from fair_edge.deploy import TINY_MODEL_MS
 
     summary = host["result"]["summary"]
     p50 = summary["metrics"]["latency_p50_ms"][0]

@@ -74,7 +74,7 @@ def test_deploy_in_rounds_ships_one_composed_plan(setup, tmp_path: Path) -> None
     )  # BN folded
     stages = summary["accuracy_stages"]
     assert stages["recovered"] == pytest.approx(stages["shipped (pruned ONNX)"], abs=0.01)
-    from devices.deploy import TINY_MODEL_MS  # this 0.03 ms model is flagged, the default is not
+    from fair_edge.deploy import TINY_MODEL_MS  # this 0.03 ms model is flagged, the default is not
 
     tiny = summary["metrics"]["latency_p50_ms"][0] < TINY_MODEL_MS
     assert tiny == any("within measurement noise" in n for n in summary["notes"])

@@ -1,5 +1,6 @@
-"""Data flows one way: calibration -> pipeline -> exporters -> devices. A lower layer never
-imports a higher one (at module level or inside a function), checked on every source file."""
+"""Data flows one way: calibration -> pipeline -> exporters -> devices -> fair_edge (the command
+line on top). A lower layer never imports a higher one (at module level or inside a function),
+checked on every source file."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["calibration", "pipeline", "exporters", "devices"]
+ORDER = ["calibration", "pipeline", "exporters", "devices", "fair_edge"]
 
 
 def _imported_packages(path: Path) -> set[str]:
@@ -33,5 +34,5 @@ def test_lower_layers_never_import_higher_ones() -> None:
 
 def test_the_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    from devices.cli import main\n    import exporters.surgery\n")
-    assert _imported_packages(src) == {"devices", "exporters"}
+    src.write_text("def f():\n    from fair_edge.cli import main\n    import exporters.surgery\n")
+    assert _imported_packages(src) == {"fair_edge", "exporters"}

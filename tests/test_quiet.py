@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from calibration.errors import FairEdgeError
-from devices.quiet import QUIET_ENV, silenced
+from fair_edge.quiet import QUIET_ENV, silenced
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ["deploy", "--runs", "2", "--warmup", "0", "--eval-samples", "200",
@@ -19,10 +19,10 @@ DEPLOY = ["deploy", "--runs", "2", "--warmup", "0", "--eval-samples", "200",
 
 
 def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """Run `python -m devices.cli` as a user would, without log-level variables of our own."""
+    """Run `python -m fair_edge.cli` as a user would, without log-level variables of our own."""
     env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
     return subprocess.run(
-        [sys.executable, "-m", "devices.cli", *args],
+        [sys.executable, "-m", "fair_edge.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

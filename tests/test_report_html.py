@@ -64,7 +64,7 @@ def _html_headings(page: str) -> list[str]:
 def bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("deploy")
     proc = subprocess.run(
-        [sys.executable, "-m", "devices.cli", "deploy", "--runtime", "onnx", "--runs", "3",
+        [sys.executable, "-m", "fair_edge.cli", "deploy", "--runtime", "onnx", "--runs", "3",
          "--warmup", "1", "--eval-samples", "300", "--recover-steps", "5", "--out", str(out),
          "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,

@@ -218,11 +218,11 @@ def test_budget_metric_the_cost_model_lacks_is_an_error() -> None:
 def test_deploy_plan_for_a_target_records_flops_after_rounding() -> None:
     import torch
 
-    from devices.config import Options
-    from devices.deploy import make_plan
     from devices.profile import load_profile
     from exporters.costs import OnnxCostModel
     from exporters.onnx_export import export_onnx
+    from fair_edge.config import Options
+    from fair_edge.deploy import make_plan
     from pipeline.models import ResNet
     from pipeline.scoring import score
 

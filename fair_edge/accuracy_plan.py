@@ -18,9 +18,9 @@ import onnx
 from torch import nn
 
 from calibration.errors import FairEdgeError
-from devices.config import Options
 from devices.profile import DeviceProfile
-from devices.stage_cache import StageCache
+from fair_edge.config import Options
+from fair_edge.stage_cache import StageCache
 from pipeline.plan import Plan
 from pipeline.scores import Scores
 
@@ -62,12 +62,12 @@ def plan_for_accuracy(
     With `fixed` (the plan for a --latency-ms target: the least pruning that meets the latency,
     so the most accurate under it), only that plan is checked against the budget.
     """
-    from devices.deploy import INT8_CALIBRATION, calibration_subset, example_input
-    from devices.recovery_stage import recovery_config, run_recovery
     from exporters.bn_recal import batchnorm_layers, recalibrate_bn
     from exporters.costs import OnnxCostModel
     from exporters.graph_groups import find_groups
     from exporters.torch_prune import prune_torch
+    from fair_edge.deploy import INT8_CALIBRATION, calibration_subset, example_input
+    from fair_edge.recovery_stage import recovery_config, run_recovery
     from pipeline.planning import plan_for_budget
     from pipeline.rounding import round_plan
     from pipeline.train import evaluate

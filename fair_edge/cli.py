@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.errors import FairEdgeError
-from devices.config import (
+from fair_edge.config import (
     AUGMENT,
     METRICS,
     OPTIMIZERS,
@@ -30,7 +30,7 @@ from devices.config import (
     Options,
     resolve,
 )
-from devices.quiet import silenced
+from fair_edge.quiet import silenced
 
 EXIT_ERROR = 2
 
@@ -209,14 +209,14 @@ def cmd_devices(opts: Options, args: argparse.Namespace) -> int:
 
 
 def _model_and_data(opts: Options):
-    from devices.deploy import resolve_inputs
+    from fair_edge.deploy import resolve_inputs
 
     return resolve_inputs(opts)
 
 
 def cmd_score(opts: Options, args: argparse.Namespace) -> int:
-    from devices.deploy import compute_scores
-    from devices.stage_cache import StageCache
+    from fair_edge.deploy import compute_scores
+    from fair_edge.stage_cache import StageCache
 
     inp = _model_and_data(opts)
     model = inp.source.require_torch("scoring")
@@ -229,9 +229,9 @@ def cmd_score(opts: Options, args: argparse.Namespace) -> int:
 
 
 def _plan(opts: Options):
-    from devices.deploy import compute_scores, example_input, make_plan
-    from devices.stage_cache import StageCache
     from exporters.onnx_export import export_onnx
+    from fair_edge.deploy import compute_scores, example_input, make_plan
+    from fair_edge.stage_cache import StageCache
     from pipeline.scores import Scores
 
     inp = _model_and_data(opts)
@@ -255,9 +255,9 @@ def cmd_plan(opts: Options, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(opts: Options, args: argparse.Namespace) -> int:
-    from devices.deploy import calibration_subset, example_input, simplify_file
     from exporters.onnx_export import export_onnx, load_onnx
     from exporters.surgery import apply_plan, save_model
+    from fair_edge.deploy import calibration_subset, example_input, simplify_file
     from pipeline.plan import Plan
 
     if opts.plan:
@@ -289,8 +289,8 @@ def cmd_prune(opts: Options, args: argparse.Namespace) -> int:
 
 
 def cmd_export(opts: Options, args: argparse.Namespace) -> int:
-    from devices.deploy import calibration_subset, example_input
     from exporters.onnx_export import export_onnx
+    from fair_edge.deploy import calibration_subset, example_input
 
     inp = _model_and_data(opts)
     model = inp.source.require_torch("export")
@@ -319,9 +319,9 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(opts: Options, args: argparse.Namespace) -> int:
-    from devices.deploy import choose_where, resolve_profile
     from devices.report import measure_pair
     from devices.runspec import RunSpec
+    from fair_edge.deploy import choose_where, resolve_profile
 
     profile = resolve_profile(opts.device)
     where, why = choose_where(profile, opts.run_on)
@@ -360,7 +360,12 @@ def cmd_report(opts: Options, args: argparse.Namespace) -> int:
 
 
 def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
-    from devices.deploy import (
+    from exporters.bn_recal import batchnorm_layers, recalibrate_bn
+    from exporters.onnx_export import export_onnx
+    from exporters.surgery import apply_plan, save_model
+    from exporters.torch_prune import prune_torch
+    from exporters.weights import save_pruned_weights, write_back
+    from fair_edge.deploy import (
         INT8_CALIBRATION,
         apply_model_defaults,
         calibration_subset,
@@ -368,13 +373,8 @@ def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
         show_progress,
         torch_accuracy,
     )
-    from devices.recovery_stage import recovery_config, recovery_data, run_recovery
-    from devices.stage_cache import StageCache
-    from exporters.bn_recal import batchnorm_layers, recalibrate_bn
-    from exporters.onnx_export import export_onnx
-    from exporters.surgery import apply_plan, save_model
-    from exporters.torch_prune import prune_torch
-    from exporters.weights import save_pruned_weights, write_back
+    from fair_edge.recovery_stage import recovery_config, recovery_data, run_recovery
+    from fair_edge.stage_cache import StageCache
     from pipeline.plan import Plan
 
     inp = _model_and_data(opts)
@@ -425,7 +425,7 @@ def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(opts: Options, args: argparse.Namespace) -> int:
-    from devices.deploy import deploy
+    from fair_edge.deploy import deploy
 
     result = deploy(opts, log=_log(opts))
     r = result.summary["ratios"]

@@ -27,8 +27,8 @@ from torch import nn
 from calibration.data import CalibrationSet
 from calibration.errors import FairEdgeError
 from calibration.fileio import cache_dir
-from devices.config import Options
-from devices.stage_cache import StageCache, hash_arrays, hash_model
+from fair_edge.config import Options
+from fair_edge.stage_cache import StageCache, hash_arrays, hash_model
 from pipeline.plan import LayerPlan, Plan
 from pipeline.recovery import RecoveryConfig, RecoveryResult, recover
 

@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from calibration.data import CalibrationSet
 from calibration.errors import FairEdgeError
 from calibration.fileio import atomic_write_bytes
-from devices.config import DEFAULT_TOD, Options
-from devices.model_source import ModelSource, resolve_model
 from devices.profile import DeviceProfile, load_profile
-from devices.stage_cache import StageCache, hash_arrays, hash_model
 from exporters.bundle import BundleSpec, tool_versions, write_bundle
 from exporters.errors import ExportError
 from exporters.evaluate import model_outputs, top1
+from fair_edge.config import DEFAULT_TOD, Options
+from fair_edge.model_source import ModelSource, resolve_model
+from fair_edge.stage_cache import StageCache, hash_arrays, hash_model
 from pipeline.plan import Plan
 from pipeline.scores import Scores
 
@@ -240,7 +240,7 @@ class RecoveryPlan:
 
     def data(self) -> Any:
         if self._data is None:
-            from devices.recovery_stage import recovery_data
+            from fair_edge.recovery_stage import recovery_data
 
             self._data = recovery_data(self.opts, self.inp.source.calibration_data,
                                        self.inp.calibration, self.teacher)  # fmt: skip
@@ -654,13 +654,13 @@ def deploy(
                 if model is not None:
                     the_plan.check_model(model)
             elif opts.rounds > 1:
-                from devices.recovery_stage import prune_in_rounds
+                from fair_edge.recovery_stage import prune_in_rounds
 
                 rounds = prune_in_rounds(model, inp.calibration, rec_stage.data(), opts, cache,
                                          profile.channel_multiple, progress=show_progress(opts))  # fmt: skip
                 the_plan = rounds.plan
             elif opts.max_drop is not None:
-                from devices.accuracy_plan import plan_for_accuracy
+                from fair_edge.accuracy_plan import plan_for_accuracy
 
                 fixed = None
                 if opts.latency_ms is not None:  # the most accurate plan under the latency
@@ -714,7 +714,7 @@ def deploy(
                     "calibration samples (no training)"
                 )
             if rec_stage.enabled and rounds is None:
-                from devices.recovery_stage import recovery_config, run_recovery
+                from fair_edge.recovery_stage import recovery_config, run_recovery
 
                 rec = run_recovery(model, pruned_model, the_plan, rec_stage.data(),
                                    recovery_config(opts), cache, checkpoint=opts.checkpoint,
@@ -780,7 +780,7 @@ def deploy(
             report_dir = work / "report"
             write_report(report_dir, comparisons)
             if tradeoff is not None:
-                from devices.accuracy_plan import plot_tradeoff
+                from fair_edge.accuracy_plan import plot_tradeoff
 
                 plot_tradeoff(tradeoff, report_dir / "tradeoff.png")
             p50 = comparisons[0].original.p50_ms
