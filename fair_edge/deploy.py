@@ -778,7 +778,21 @@ def deploy(
                     )
                 )
             report_dir = work / "report"
-            write_report(report_dir, comparisons)
+            estimates = []
+            if not comparisons[0].original.representative:
+                from devices.estimate import estimate_onnx
+
+                estimates = [
+                    estimate_onnx(original_onnx, profile),
+                    estimate_onnx(pruned_onnx, profile),
+                ]
+                notes.append(
+                    f"roofline estimate for {profile.name} from its published compute and "
+                    f"bandwidth (an estimate, not a measurement): original "
+                    f"{estimates[0].latency_ms:.3f} ms, pruned {estimates[1].latency_ms:.3f} ms "
+                    f"({estimates[0].latency_ms / estimates[1].latency_ms:.2f}x)"
+                )
+            write_report(report_dir, comparisons, estimates)
             if tradeoff is not None:
                 from fair_edge.accuracy_plan import plot_tradeoff
 

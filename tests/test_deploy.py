@@ -325,6 +325,7 @@ def test_emulated_board_over_ssh(board: dict, host: dict) -> None:
     )
     assert m["metrics"]["accuracy"]["before"] == host["manifest"]["metrics"]["accuracy"]["before"]
     assert m["metrics"]["flops"]["after"] < m["metrics"]["flops"]["before"]
+    assert rep["device_report"]["estimates"] == []  # a board measured: no estimate needed
 
 
 def test_disk_full_while_writing_the_bundle(
@@ -401,3 +402,25 @@ def test_default_deploy_recovers_and_ships_pytorch_weights(host: dict, eval_set)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+
+
+def test_emulated_timing_shows_the_roofline_estimate(tmp_path: Path) -> None:
+    """Emulated timing is not the board's: the report puts the profile's roofline estimate
+    beside it, labelled as an estimate, in JSON, Markdown and the summary notes."""
+    from fair_edge.deploy import choose_where
+
+    code, out, err = _run(
+        ["deploy", "--device", "rpi4", "--run-on", "emulated", "--runtime", "onnx", "--runs", "2",
+         "--warmup", "0", "--recover-steps", "60", "--eval-samples", "200", "--out",
+         str(tmp_path), "--json", "--quiet"]
+    )  # fmt: skip
+    assert code == 0, err
+    assert choose_where(load_profile("rpi4"), "emulated")[0] == "emulated"
+    bundle = Path(json.loads(out)["bundle"])
+    rep = json.loads((bundle / "report.json").read_text())
+    est = rep["device_report"]["estimates"]
+    assert [e["kind"] for e in est] == ["estimate", "estimate"] and est[0]["profile"] == "rpi4"
+    assert est[1]["latency_ms"] < est[0]["latency_ms"]
+    assert any("roofline estimate for rpi4" in n for n in rep["summary"]["notes"])
+    assert "estimate" in (bundle / "report.md").read_text().lower()
+    assert rep["summary"]["representative"] is False
