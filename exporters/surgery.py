@@ -28,10 +28,13 @@ from exporters.surgery_report import LayerRow, SurgeryReport
 from exporters.verify import (
     DEFAULT_TOL,
     GraphWeights,
+    as_feeds,
     check_runnable,
     check_verify_inputs,
     compare_models,
+    compare_tensors,
     masked_original,
+    random_inputs,
 )
 from pipeline.plan import Plan, PlanError
 
@@ -303,6 +306,11 @@ def apply_plan(
     masked = masked_original(graph, pruned, weights=False)
     check = compare_models(
         masked, result, verify_inputs, tol=tol, reference_weights=GraphWeights(graph)
+    )
+    calib = as_feeds(result, verify_inputs)
+    feed = random_inputs(result, seed=1, like=calib[0] if calib else None)
+    check.tensors_compared, check.max_tensor_rel_diff = compare_tensors(
+        graph, pruned, masked, result, feed, tol, reference_weights=GraphWeights(graph)
     )
     t2 = time.perf_counter()
     report = _report(graph, pruned, onnx_model, result)

@@ -53,6 +53,8 @@ class VerificationResult:
     tol: float
     n_random: int
     n_calibration: int
+    tensors_compared: int = 0
+    max_tensor_rel_diff: float = 0.0
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -275,11 +277,11 @@ def random_inputs(
 def check_verify_inputs(model: onnx.ModelProto, inputs: object = None) -> None:
     """Raise SurgeryError, before any surgery, when `inputs` or the declared input shapes cannot
     make a verification batch (see `random_shapes`)."""
-    calib = _as_feeds(model, inputs)
+    calib = as_feeds(model, inputs)
     random_shapes(model, like=calib[0] if calib else None)
 
 
-def _as_feeds(model: onnx.ModelProto, inputs: object) -> list[dict[str, np.ndarray]]:
+def as_feeds(model: onnx.ModelProto, inputs: object) -> list[dict[str, np.ndarray]]:
     """Calibration feeds: up to 64 samples, in batches of 16 or of the declared static batch."""
     if inputs is None:
         return []
@@ -298,7 +300,7 @@ def _as_feeds(model: onnx.ModelProto, inputs: object) -> list[dict[str, np.ndarr
     if isinstance(inputs, Sequence):
         out = []
         for x in inputs:
-            out.extend(_as_feeds(model, x))
+            out.extend(as_feeds(model, x))
         return out
     raise SurgeryError(
         f"verify_inputs must be an array, a dict of arrays or a list of them, not {type(inputs).__name__}"
@@ -317,7 +319,7 @@ def compare_models(
 
     Inputs follow the candidate's graph inputs; `reference_weights` feeds a weightless reference.
     """
-    calib = _as_feeds(candidate, inputs)
+    calib = as_feeds(candidate, inputs)
     like = calib[0] if calib else None
     feeds = [random_inputs(candidate, seed=s, like=like) for s in range(n_random)]
     try:
@@ -353,3 +355,79 @@ def compare_models(
             if diff >= worst:
                 worst, bound = diff, lim
     return VerificationResult(worst, bound, ref_max, tol, len(feeds), len(calib))
+
+
+def _float_tensors(graph: ChannelGraph) -> list[str]:
+    """Names of the float tensors the original graph's nodes compute (not its outputs)."""
+    inferred = onnx.shape_inference.infer_shapes(graph.model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    outputs = {o.name for o in graph.model.graph.output}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    return [o for n in graph.nodes for o in n.output
+            if o and o not in outputs and types.get(o) in floats]  # fmt: skip
+
+
+def _exposing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also returns the named intermediate tensors."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.extend(
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names
+    )
+    return out
+
+
+def compare_tensors(
+    graph: ChannelGraph,
+    pruned: np.ndarray,
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feed: dict[str, np.ndarray],
+    tol: float = DEFAULT_TOL,
+    reference_weights: Mapping[str, np.ndarray] | None = None,
+) -> tuple[int, float]:
+    """Every float tensor both graphs compute must agree, the reference's restricted to the kept
+    channels, within tol x that tensor's own largest magnitude.
+
+    The outputs alone can be blind: a wrong channel whose effect is small at the output (small
+    classifier weights, a layer scale of 1e-6) passes any bound set by the output's size. Here a
+    misplaced channel is seen in the tensor where it happens, at that tensor's own scale.
+    Returns (tensors compared, largest difference relative to its tensor's scale).
+    """
+    names = [
+        n
+        for n in _float_tensors(graph)
+        if n in {o for nd in candidate.graph.node for o in nd.output}
+    ]
+    if not names:
+        return 0, 0.0
+    try:
+        ref = _Runner(_exposing(reference, names), reference_weights).run(feed)
+        got = _Runner(_exposing(candidate, names)).run(feed)
+    except Exception as exc:
+        raise VerificationError(
+            f"verification of the intermediate tensors failed to run: {str(exc).splitlines()[0]}"
+        ) from exc
+    compared, worst = 0, 0.0
+    for name, a, b in zip(names, ref, got, strict=True):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        desc = graph.descs.get(name)
+        if desc is not None and a.shape != b.shape:
+            keep = graph.kept(desc, pruned)
+            keep = np.repeat(keep, desc.block) if desc.block > 1 else keep
+            if a.ndim > desc.axis and a.shape[desc.axis] == keep.size:
+                a = np.take(a, np.flatnonzero(keep), axis=desc.axis)
+        if a.shape != b.shape or not a.size:
+            continue  # a tensor whose layout the channel graph does not describe
+        scale = float(np.max(np.abs(a)))
+        diff = float(np.max(np.abs(a - b)))
+        if not np.isfinite(diff) or diff > tol * scale + 1e-12:
+            raise VerificationError(
+                f"pruned model differs from the masked original at tensor {name!r}: max |diff| "
+                f"{diff:.3g} against its own scale {scale:.3g} (bound {tol * scale:.3g}); the "
+                "artifact was not written"
+            )
+        compared += 1
+        worst = max(worst, diff / scale if scale > 0 else 0.0)
+    return compared, worst

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from onnx import numpy_helper
 from test_surgery import settle_bn
 
 from exporters.costs import OnnxCostModel, count_cost
@@ -88,3 +89,78 @@ def test_zoo_random_30_percent_verified(zoo_cache, name):
         a = ort_session(export_onnx(small, x, None)).run(None, {"input": feed})[0]
         b = ort_session(pruned).run(None, {"input": feed})[0]
         np.testing.assert_allclose(a, b, atol=1e-4 * max(1.0, float(np.abs(b).max())))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_a_single_misplaced_channel_fails_verification(zoo_cache, name):
+    """Swap two output channels of one pruned convolution in the verified result: the per-tensor
+    check must fail, on every model of the zoo, however small the effect at the output."""
+    from exporters.errors import VerificationError
+    from exporters.verify import GraphWeights, compare_tensors, masked_original, random_inputs
+
+    model, x, proto, graph = _get(zoo_cache, name)
+    plan = random_plan(graph.channel_groups, 0.3, seed=0,
+                       fingerprint=ModelFingerprint.from_model(model))  # fmt: skip
+    pruned, report = apply_plan(proto, plan, graph=graph)
+    assert report.verification["tensors_compared"] > 10
+    original_dims = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    conv_weights = {n.input[1] for n in pruned.graph.node if n.op_type == "Conv"}
+    target = next(
+        t for t in pruned.graph.initializer
+        if t.name in conv_weights and tuple(t.dims) != original_dims[t.name] and t.dims[0] >= 2
+    )  # fmt: skip
+    w = numpy_helper.to_array(target).copy()
+    w[[0, 1]] = w[[1, 0]]  # channel 0's weights where channel 1's belong, and back
+    target.CopyFrom(numpy_helper.from_array(w, target.name))
+    mask = graph.pruned_roots(plan)
+    feed = random_inputs(pruned, seed=1)
+    with pytest.raises(VerificationError, match="at tensor"):
+        compare_tensors(graph, mask, masked_original(graph, mask, weights=False), pruned, feed,
+                        reference_weights=GraphWeights(graph))  # fmt: skip
+
+
+class _LayerScaled(torch.nn.Module):
+    """A residual branch scaled by 1e-6 (ConvNeXt's layer scale): its channels barely move the
+    output, so an output-only comparison cannot see a mistake inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.a = torch.nn.Conv2d(8, 16, 1)
+        self.b = torch.nn.Conv2d(16, 8, 1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        s = s + 1e-6 * self.b(torch.relu(self.a(s)))
+        return self.head(s.mean(dim=(2, 3)))
+
+
+def test_output_only_check_is_blind_where_the_tensor_check_is_not():
+    from exporters.errors import VerificationError
+    from exporters.verify import (
+        GraphWeights,
+        compare_models,
+        compare_tensors,
+        masked_original,
+        random_inputs,
+    )
+
+    torch.manual_seed(0)
+    model = _LayerScaled().eval()
+    proto = export_onnx(model, torch.randn(1, 3, 8, 8), None)
+    graph = ChannelGraph(proto)
+    plan = random_plan(graph.channel_groups, 0.3, seed=0,
+                       fingerprint=ModelFingerprint.from_model(model))  # fmt: skip
+    assert plan.layers["a"].pruned, "the scaled branch is pruned"
+    pruned, _ = apply_plan(proto, plan, graph=graph)
+    target = next(t for t in pruned.graph.initializer if t.name == "a.weight")
+    w = numpy_helper.to_array(target).copy()
+    w[[0, 1]] = w[[1, 0]]
+    target.CopyFrom(numpy_helper.from_array(w, target.name))
+    mask = graph.pruned_roots(plan)
+    reference = masked_original(graph, mask, weights=False)
+    compare_models(reference, pruned, reference_weights=GraphWeights(graph))  # blind: passes
+    with pytest.raises(VerificationError, match="at tensor"):
+        compare_tensors(graph, mask, reference, pruned, random_inputs(pruned, seed=1),
+                        reference_weights=GraphWeights(graph))  # fmt: skip
