@@ -116,6 +116,11 @@ def plan_for_accuracy(
             best = (removed, p)
         return ok
 
+    def chosen(plan: Plan) -> AccuracyPlan:
+        plan.method["accuracy_budget"] = {"max_drop": opts.max_drop, "fix": fix,
+                                          "heldout": data.heldout_source, "points": points}  # fmt: skip
+        return AccuracyPlan(plan, opts.max_drop, fix, data.heldout_source, baseline, points)
+
     if fixed is not None:
         removed = 1.0 - float(cost.remaining(fixed)["flops"])
         if not attempt(removed, fixed):
@@ -124,9 +129,7 @@ def plan_for_accuracy(
                 f"{points[-1]['drop_points']:.2f} points after {fix}, more than --max-drop "
                 f"{opts.max_drop}; allow more latency or a larger --max-drop"
             )
-        fixed.method["accuracy_budget"] = {"max_drop": opts.max_drop, "fix": fix,
-                                           "heldout": data.heldout_source, "points": points}  # fmt: skip
-        return AccuracyPlan(fixed, opts.max_drop, fix, data.heldout_source, baseline, points)
+        return chosen(fixed)
     lo, hi = LOWEST, HIGHEST
     target = 0.5
     for _ in range(opts.max_drop_tries):
@@ -142,10 +145,7 @@ def plan_for_accuracy(
             f"({worst['flops_removed']:.1%} fewer FLOPs lost {worst['drop_points']:.2f}); raise "
             "--max-drop, turn on --recover, or give more --max-drop-tries"
         )
-    plan = best[1]
-    plan.method["accuracy_budget"] = {"max_drop": opts.max_drop, "fix": fix,
-                                      "heldout": data.heldout_source, "points": points}  # fmt: skip
-    return AccuracyPlan(plan, opts.max_drop, fix, data.heldout_source, baseline, points)
+    return chosen(best[1])
 
 
 def plot_tradeoff(tradeoff: dict[str, Any], path: Path) -> Path:

@@ -228,13 +228,14 @@ def cmd_score(opts: Options, args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(opts: Options):
+def _plan(opts: Options, inp: Any = None):
+    """(inputs, ONNX export, plan); `inp` when the caller has resolved model and data already."""
     from exporters.onnx_export import export_onnx
     from fair_edge.deploy import compute_scores, example_input, make_plan
     from fair_edge.stage_cache import StageCache
     from pipeline.scores import Scores
 
-    inp = _model_and_data(opts)
+    inp = inp or _model_and_data(opts)
     model = inp.source.require_torch("planning")
     if opts.scores:
         scores = Scores.load(opts.scores)
@@ -385,7 +386,7 @@ def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
         plan.check_model(model)
         proto = export_onnx(model, example_input(inp.calibration), None)
     else:
-        inp, proto, plan = _plan(opts)
+        inp, proto, plan = _plan(opts, inp)
     plan.method.setdefault("input_shape", [1, *inp.calibration.sample_shape])
     x0 = example_input(inp.calibration)
     verify_x = calibration_subset(inp.calibration, 64, opts.seed)

@@ -514,7 +514,7 @@ def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> lis
                     [
                         f"round {x['round']}: FLOPs kept {x['flops_kept']:.3f} (target "
                         f"{x['flops_kept_target']:.3f}), held-out top-1 "
-                        f"{_fmt(x['heldout_eval'], '.4f')}"
+                        f"{_fmt(x['heldout_after'], '.4f')}"
                         for x in rec["rounds"]
                     ]
                 ),
@@ -568,20 +568,6 @@ def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> lis
     if notes:
         out.append(section("Notes", bullets([str(n) for n in notes]), cls="notes"))
     return out
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """The report's lead alone, as Markdown (the bundle renders it with the device report)."""
-    from devices.report import render, report_context
-
-    return render(report_context(summary_title(summary), summary_sections(summary)), "md")
-
-
-def summary_html(summary: dict[str, Any]) -> str:
-    """The report's lead alone, as an HTML page (same sections as summary_markdown)."""
-    from devices.report import render, report_context
-
-    return render(report_context(summary_title(summary), summary_sections(summary)), "html")
 
 
 # ------------------------------------------------------------------------------ deploy

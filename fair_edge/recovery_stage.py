@@ -137,12 +137,10 @@ def run_recovery(
         config.digest(),
     )
     ckpt = Path(checkpoint) if checkpoint else cache_dir("recovery") / f"{key}.ckpt.safetensors"
-    result: dict[str, RecoveryResult] = {}
 
     def compute(folder: Path) -> dict[str, Any]:
         r = recover(student, teacher, data.train, data.heldout, config,
                     plan_digest=plan.digest(), checkpoint=ckpt, progress=progress)  # fmt: skip
-        result["r"] = r
         state = {k: v.detach().contiguous() for k, v in r.model.state_dict().items()}
         save_file(state, str(folder / "weights.safetensors"))
         return {"record": _record(r, data)}
@@ -199,28 +197,25 @@ def prune_in_rounds(
     """K rounds of score -> plan -> prune -> BN re-estimate -> recover toward `opts.target`."""
     from calibration.sampling import balanced_sample
     from exporters.bn_recal import batchnorm_layers, recalibrate_bn
-    from exporters.costs import OnnxCostModel, count_cost
+    from exporters.costs import OnnxCostModel
     from exporters.graph_groups import find_groups
     from exporters.onnx_export import export_onnx
     from exporters.torch_prune import prune_torch
     from pipeline.planning import plan_for_budget
     from pipeline.rounding import round_plan
     from pipeline.scoring import score
-    from pipeline.train import evaluate
 
     if opts.target is None:
         raise RecoveryStageError("--rounds needs --target (the share of FLOPs to remove in all)")
     x1 = torch.from_numpy(np.ascontiguousarray(calibration.inputs[:1]))
-    base_flops = count_cost(export_onnx(model, x1, None)).flops
     sample = balanced_sample(calibration, opts.samples_per_class, opts.seed)[0]
     config = recovery_config(opts)
-    current, composed = model, None
+    current, composed, now = model, None, 1.0  # now: FLOPs of `current` / the original's
     rounds: list[dict[str, Any]] = []
     for i in range(1, opts.rounds + 1):
         proto = export_onnx(current, x1, None)
         groups = find_groups(proto)
         cost = OnnxCostModel(proto)
-        now = count_cost(proto).flops / base_flops
         want = (1.0 - opts.target) ** (i / opts.rounds)
         rel = 1.0 - want / now
         if rel <= 0.0:
@@ -237,16 +232,14 @@ def prune_in_rounds(
         composed = p if composed is None else compose(composed, p)
         rec = run_recovery(model, student, composed, data, config, cache,
                            checkpoint=None, progress=progress)  # fmt: skip
-        current = rec.model
-        kept = count_cost(export_onnx(current, x1, None)).flops / base_flops
+        current, now = rec.model, now * float(cost.remaining(p)["flops"])
         rounds.append({
-            "round": i, "flops_kept_target": want, "flops_kept": kept,
+            "round": i, "flops_kept_target": want, "flops_kept": now,
             "pruned_units": p.pruned_units(),
             "heldout_after": rec.record.get("heldout_after"),
             "heldout_before": rec.record.get("heldout_before"),
             "heldout_source": data.heldout_source,
             "recovery_cached": rec.cached,
-            "heldout_eval": None if data.heldout is None else evaluate(current, data.heldout),
         })  # fmt: skip
     if composed is None:
         raise RecoveryStageError(

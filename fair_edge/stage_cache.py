@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,14 +48,6 @@ def hash_arrays(*arrays: np.ndarray | None) -> str:
             h.update(b"none;")
         else:
             _update_array(h, np.asarray(arr))
-    return h.hexdigest()
-
-
-def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
     return h.hexdigest()
 
 

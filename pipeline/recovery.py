@@ -323,9 +323,7 @@ def _checkpoint_tensors(
     for i, state in opt.state_dict()["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim/{i}/{key}"] = (
-                    value.detach().clone().contiguous().reshape(value.shape)
-                )
+                tensors[f"optim/{i}/{key}"] = value.detach().clone().contiguous()
     for k, v in (best or {}).items():
         tensors[f"best/{k}"] = v.clone().contiguous()
     return tensors
