@@ -178,3 +178,15 @@ def test_label_free_recovery_through_the_cli(setup, tmp_path: Path) -> None:
     code, _, err = _run(["recover", *common, "--recover-data", str(empty), "--target", "0.6",
                          "--out", str(tmp_path / "x")])  # fmt: skip
     assert code == 2 and "recovery needs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_accuracy_budget_no_plan_meets_is_one_line(setup, tmp_path: Path) -> None:
+    """Only the 50% plan is tried and no fix runs: it loses more than 0 points, so no plan fits."""
+    _, common = setup
+    out = tmp_path / "dist"
+    code, stdout, err = _run(["deploy", *common, "--max-drop", "0", "--max-drop-tries", "1",
+                              "--no-recover", "--no-recalibrate-bn", "--runtime", "onnx",
+                              "--out", str(out)])  # fmt: skip
+    assert code == 2 and stdout == "" and "no plan tried keeps top-1 within 0.0 points" in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fair-edge: error:")
+    assert not out.exists() or list(out.iterdir()) == []

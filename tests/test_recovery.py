@@ -249,3 +249,17 @@ def test_torchrun_two_processes_equal_one_process(prep: Prepared, tmp_path: Path
     start = load_file(folder / "student.safetensors")
     moved = max(float((outs["one"][k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-3  # the runs trained: equality is not two untouched copies
+
+
+def test_shipping_bad_input_is_one_clear_error(prep: Prepared, tmp_path: Path) -> None:
+    junk = tmp_path / "weights.safetensors"
+    junk.write_bytes(b"not safetensors")
+    with pytest.raises(ExportError, match="cannot be read"):
+        load_pruned(digits_net, prep.plan, junk)
+    x1 = torch.from_numpy(prep.train.inputs[:1])
+    pruned_proto, _ = apply_plan(export_onnx(prep.teacher, x1, None), prep.plan,
+                                 verify_inputs=prep.train.inputs[:16])  # fmt: skip
+    renamed = next(t for t in pruned_proto.graph.initializer if t.name == "3.weight")
+    renamed.name = "folded_constant_0"  # as a constant-folding export would name it
+    with pytest.raises(ExportError, match="no initializer for parameter '3.weight'"):
+        write_back(prep.student(), pruned_proto, prep.test.inputs[:8])
