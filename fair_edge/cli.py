@@ -64,6 +64,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "projections": {"type": int, "help": "random directions for the sliced W1 of conv maps"},
     "where": {"choices": WHERE, "help": "where the Utilization score is measured"},
     "seed": {"type": int, "help": "seed of every random draw"},
+    "max_memory": {"help": "memory budget of scoring, e.g. 8G (default: in use + 80%% of free)"},
     "runtime": {"choices": RUNTIMES, "help": "runtimes to build (auto: TFLite when the profile lists it)"},
     "run_on": {"choices": RUN_ON, "help": "where to measure (auto: board over SSH, emulated, or local)"},
     "round": {"action": argparse.BooleanOptionalAction,
@@ -106,7 +107,7 @@ FLAGS: dict[str, dict[str, Any]] = {
 
 MODEL = ["model", "weights", "num_classes", "input_shape"]
 DATA = ["data", "seed"]
-SCORING = ["samples_per_class", "projections", "where", "cache"]
+SCORING = ["samples_per_class", "projections", "where", "max_memory", "cache"]
 PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode"]
 MEASURE = ["device", "run_on", "runs", "warmup"]
 RECOVERY = ["recover_data", "recover_epochs", "recover_steps", "recover_lr", "recover_optimizer",

@@ -63,6 +63,9 @@ class Options:
     projections: int = 128
     where: str = "raw"
     seed: int = 0
+    max_memory: str | None = None
+    """Memory budget of scoring, e.g. 8G or 7.5GiB (default: what is in use plus 80% of what is
+    free); the batch size and whether U's samples wait in memory or on disk follow from it."""
     runtime: str = "auto"
     """auto: ONNX, plus TFLite when the device profile lists a tflite runtime."""
     run_on: str = "auto"
@@ -172,6 +175,10 @@ class Options:
                 raise ConfigError("give either --target or --max-drop, not both")
         if self.rounds > 1 and self.target is None:
             raise ConfigError("--rounds needs --target (the share of FLOPs to remove in all)")
+        if self.max_memory is not None:
+            from pipeline.membudget import parse_size
+
+            parse_size(self.max_memory)  # one line naming the bad size
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.input_shape is not None and (

@@ -290,6 +290,7 @@ def compute_scores(
             seed=opts.seed,
             where=opts.where,
             progress=show_progress(opts),
+            max_memory=opts.max_memory,
         )
         scores.save(folder / "scores.npz")
         return {"layers": len(scores.layers)}

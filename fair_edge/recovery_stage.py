@@ -222,7 +222,7 @@ def prune_in_rounds(
             continue
         scores = score(current, sample, samples_per_class=opts.samples_per_class,
                        projections=opts.projections, seed=opts.seed, where=opts.where,
-                       progress=False)  # fmt: skip
+                       progress=False, max_memory=opts.max_memory)  # fmt: skip
         p = plan_for_budget(scores, min(rel, 0.95), "flops", cost, groups, current, strict=False)
         if opts.round and channel_multiple > 1:
             p = round_plan(p, scores, channel_multiple, mode="nearest", groups=groups)

@@ -36,6 +36,8 @@ parameter, .grad, buffers, hooks and the global RNG state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -49,8 +51,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.errors import CalibrationError
+from pipeline.membudget import (
+    ACTIVATION_FACTOR,
+    STORES,
+    MemoryPlan,
+    default_budget,
+    gb,
+    parse_size,
+    plan_memory,
+    used_bytes,
+)
 from pipeline.plan import ModelFingerprint
+from pipeline.recovery import Dist
 from pipeline.scores import LayerScores, Scores, ScoringError
+from pipeline.ustore import FLOAT_BYTES, DiskStore, MemoryStore, UStore
 
 CANDIDATE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 ACTIVATION_TYPES = (
@@ -77,6 +91,7 @@ ACTIVATION_TYPES = (
 )
 WHERE_CHOICES = ("raw", "bn", "act")
 PAIR_CHUNK_ELEMENTS = 1 << 23  # float32 elements per class-pair chunk of the W1 computation
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- directions, W1
@@ -345,6 +360,7 @@ class _Probe:
     act: dict[str, str]
     graph: dict[str, dict[str, Any]]
     logits: int | None = None  # width of a single 2-D output tensor
+    saved_per_sample: int = 0  # bytes autograd saves per sample (activations, not parameters)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -394,8 +410,18 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
             handles.append(m.register_forward_hook(hook))
         if isinstance(m, CANDIDATE_TYPES):
             handles.append(m.register_forward_pre_hook(pre))
+    fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # sizes what a backward pass keeps alive
+        with contextlib.suppress(RuntimeError):  # tensors without storage (sparse, nested)
+            st = t.untyped_storage()
+            if st.data_ptr() not in fixed:
+                saved[st.data_ptr()] = st.nbytes()
+        return t
+
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(x)
     finally:
         for h in handles:
@@ -477,7 +503,10 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
         }
     kinds = {n: graph[n]["kind"] for n in candidates}
     logits = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
-    return _Probe(candidates, kinds, output_layers, skipped, inplace, bn, act, graph, logits)
+    per_sample = -(-sum(saved.values()) // max(1, x.shape[0]))
+    return _Probe(
+        candidates, kinds, output_layers, skipped, inplace, bn, act, graph, logits, per_sample
+    )
 
 
 # --------------------------------------------------------------------------- scoring pass
@@ -522,6 +551,8 @@ def score(
     device: torch.device | str | None = None,
     progress: bool = True,
     batch_size: int = 64,
+    max_memory: int | str | None = None,
+    u_store: str = "auto",
 ) -> Scores:
     """U and R for every candidate layer of `model` from one forward+backward pass per batch.
 
@@ -529,6 +560,11 @@ def score(
     labels) batches; labels None -> the model's own top-1 predictions. The first
     `samples_per_class` samples of each class (in data order) are used for both scores; with
     more than `max_classes` classes a seeded random subset of classes is used (recorded).
+    `max_memory` (bytes or '8G'; default: in use now + 80% of what is free) caps the memory of
+    the pass: the batch size (at most `batch_size`) and where U's samples wait follow from it.
+    `u_store`: 'auto' (memory when it fits, else a temporary folder on disk), 'memory' or 'disk';
+    both keep the exact float32 samples. Under torchrun every process scores its share of the batches (same data on every process);
+    the result equals a single-process run with the same batch size.
     """
     if where not in WHERE_CHOICES:
         raise ScoringError(f"where={where!r} is not one of {', '.join(WHERE_CHOICES)}")
@@ -542,6 +578,9 @@ def score(
         raise CalibrationError(f"max_classes={max_classes}: U compares classes, need at least 2")
     if batch_size < 1:
         raise ScoringError(f"batch_size={batch_size} must be positive")
+    if u_store not in STORES:
+        raise ScoringError(f"u_store={u_store!r} is not one of {', '.join(STORES)}")
+    budget = parse_size(max_memory) if max_memory is not None else None
     mdev, mdtype = _model_device_dtype(model)
     want = torch.device(device) if device is not None else mdev
     if want.type != mdev.type or (want.index is not None and want.index != mdev.index):
@@ -568,18 +607,28 @@ def score(
                 f"label {max(sel.classes)} is out of range for a model with {probe.logits} "
                 "outputs; check the labels (or pass loss=)"
             )
-        model.train(reference_compat)
-        stored, r_signed, positions, where_used = _run_pass(
-            model, sel, probe, loss_fn, projections, seed, where, progress, batch_size
-        )
+        dist = Dist.current()
+        plan = _memory_plan(probe, sel, projections, batch_size, budget, u_store, mdev, dist)
+        log.info(plan.line())
+        share = _Share.of(sel, plan.batch_size, dist)
+        store = _make_store(plan, share.rows[dist.rank], sel.x.shape[0], mdev)
+        try:
+            model.train(reference_compat)
+            r_signed, positions, where_used = _run_pass(
+                model, sel, probe, loss_fn, projections, seed, where, progress, share, store, dist
+            )
+            util = _utilization(
+                store, probe.candidates, share, len(sel.classes), mdev, progress, dist
+            )
+        finally:
+            store.close()
     layers: dict[str, LayerScores] = {}
     for name in probe.candidates:
-        u = pairwise_w1_max(stored.pop(name), sel.cls, len(sel.classes))  # frees it
         mod = model.get_submodule(name)
         layers[name] = LayerScores(
             name=name,
             kind=probe.kinds[name],
-            U=u.cpu().numpy(),
+            U=util[name].numpy(),
             R=r_signed[name].abs().cpu().numpy(),
             weight_shape=[int(d) for d in mod.weight.shape],
             positions=positions[name],
@@ -614,12 +663,14 @@ def _run_pass(
     seed: int,
     where: str,
     progress: bool,
-    batch_size: int,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
-    n = sel.x.shape[0]
+    share: _Share,
+    store: UStore,
+    dist: Dist,
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
     dev = sel.x.device
     st = _PassState()
-    stored: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    parts: list[tuple[int, list[torch.Tensor]]] = []  # under torchrun: (batch, R per layer)
     dirs: dict[str, torch.Tensor | None] = {}
     positions: dict[str, int] = {}
     r_signed: dict[str, torch.Tensor] = {}
@@ -634,18 +685,17 @@ def _run_pass(
 
     def record(name: str, t: torch.Tensor) -> None:
         v = unit_view(t, probe.kinds[name])
-        if name not in stored:
+        if name not in seen:
+            seen.add(name)
             positions[name] = v.shape[2]
-            d = (
+            dirs[name] = (
                 None
                 if v.shape[2] == 1
                 else projection_directions(seed, name, v.shape[2], projections).to(dev)
             )
-            dirs[name] = d
-            stored[name] = torch.empty((n, v.shape[1], 1 if d is None else projections), device=dev)
         d = dirs[name]
         p = v if d is None else torch.matmul(v, d)
-        stored[name][st.offset : st.offset + p.shape[0]] = p
+        store.write(name, st.offset, p)
         st.finite.append((name, torch.isfinite(p.sum())))  # NaN/inf anywhere -> sum is too
 
     def layer_hook(name: str) -> Callable[..., Any]:
@@ -692,14 +742,19 @@ def _run_pass(
                         follower_hook(layer_names, stage)
                     )
                 )
-        bar = tqdm(range(0, n, batch_size), desc="FAIR scoring", unit="batch", disable=not progress)
-        for s in bar:
-            st.offset = s
+        mine = share.mine(dist.rank)
+        bar = tqdm(
+            total=share.rows[dist.rank],
+            desc=f"FAIR scoring (batch {share.batch_size}, U in {store.kind})",
+            unit="sample",
+            disable=not progress or dist.rank != 0,
+        )
+        for bi, (s, e) in mine:
             st.raw.clear()
             st.chain.clear()
             st.chain_bn.clear()
             st.finite.clear()
-            xb, yb = sel.x[s : s + batch_size], sel.y[s : s + batch_size]
+            xb, yb = sel.x[s:e], sel.y[s:e]
             with torch.enable_grad():
                 out = model(xb)
                 ok = torch.stack([f for _, f in st.finite]).cpu() if st.finite else None
@@ -733,6 +788,7 @@ def _run_pass(
                             f"layer {name!r}'s output was modified in place; cannot score it"
                         )
                 grads = torch.autograd.grad(lv, outs, allow_unused=True)
+            part: list[torch.Tensor] = []
             with torch.no_grad():
                 for name, a, g in zip(probe.candidates, outs, grads, strict=True):
                     if name not in r_signed:
@@ -742,6 +798,7 @@ def _run_pass(
                             device=dev,
                         )
                     if g is None:
+                        part.append(torch.zeros_like(r_signed[name]))
                         continue
                     af, gf, b = a.float(), g.float(), a.shape[0]
                     if probe.kinds[name] == "conv":  # per sample and channel, then over samples
@@ -751,16 +808,179 @@ def _run_pass(
                     else:
                         f = a.shape[-1]
                         r = torch.linalg.vecdot(af.reshape(b, -1, f), gf.reshape(b, -1, f), dim=1)
-                    r_signed[name] += r.sum(dim=0).double()
+                    part.append(r.sum(dim=0).double())
+            if dist.world == 1:
+                for name, r in zip(probe.candidates, part, strict=True):
+                    r_signed[name] += r
+            else:
+                parts.append((bi, part))
+            st.offset += e - s
             st.raw.clear()
             st.chain.clear()
             st.chain_bn.clear()
+            bar.update(e - s)
+            bar.set_postfix(mem=gb(used_bytes(dev)), refresh=False)
+        bar.close()
     finally:
         for h in handles:
             h.remove()
+    if dist.world > 1:
+        _sum_r_in_batch_order(r_signed, probe.candidates, parts, len(share.batches))
     for name in probe.candidates:  # NaN/inf persists in the sums: one check at the end
         if not bool(torch.isfinite(r_signed[name]).all()):
             raise CalibrationError(
                 f"layer {name!r} has NaN or inf gradients on the calibration data"
             )
-    return stored, r_signed, positions, where_used
+    return r_signed, positions, where_used
+
+
+# --------------------------------------------------------------------------- budget, shares, U
+
+
+@dataclass(frozen=True)
+class _Share:
+    """Which batches each process scores: batch b goes to process b % world."""
+
+    batches: list[tuple[int, int]]  # every batch's rows [s, e), in order
+    batch_size: int
+    world: int
+    rows: list[int]  # rows per process
+    cls: list[torch.Tensor]  # per process: the class index of its rows, in scoring order
+
+    @classmethod
+    def of(cls, sel: _Selection, batch_size: int, dist: Dist) -> _Share:
+        n = sel.x.shape[0]
+        batches = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+        if len(batches) < dist.world:
+            raise ScoringError(
+                f"{len(batches)} batch(es) of {batch_size} for {dist.world} processes; "
+                "use fewer processes or more calibration samples"
+            )
+        own = [batches[r :: dist.world] for r in range(dist.world)]
+        rows = [sum(e - s for s, e in b) for b in own]
+        cls_ = [torch.cat([sel.cls[s:e] for s, e in b]) for b in own]
+        return cls(batches, batch_size, dist.world, rows, cls_)
+
+    def mine(self, rank: int) -> list[tuple[int, tuple[int, int]]]:
+        return [(b, self.batches[b]) for b in range(rank, len(self.batches), self.world)]
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    import torch.distributed as td
+
+    return device if td.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _memory_plan(
+    probe: _Probe,
+    sel: _Selection,
+    projections: int,
+    max_batch: int,
+    budget: int | None,
+    u_store: str,
+    device: torch.device,
+    dist: Dist,
+) -> MemoryPlan:
+    """The budget's plan; under torchrun the smallest batch and chunk of all processes, so every
+    process cuts the same batches and unit chunks."""
+    budget = budget if budget is not None else default_budget(device)
+    n = sel.x.shape[0]
+    per_row = FLOAT_BYTES * sum(
+        probe.graph[m]["weight_shape"][0] * (1 if probe.graph[m]["positions"] == 1 else projections)
+        for m in probe.candidates
+    )
+    rows = n if dist.world == 1 else min(n, -(-n // dist.world) + max_batch)
+    act = int(ACTIVATION_FACTOR * probe.saved_per_sample)
+    plan = plan_memory(budget, used_bytes(device), act, rows * per_row, max_batch, u_store)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        agreed = torch.tensor([plan.batch_size, plan.chunk_bytes], device=_comm_device(device))
+        td.all_reduce(agreed, op=td.ReduceOp.MIN)
+        plan = dataclasses.replace(plan, batch_size=int(agreed[0]), chunk_bytes=int(agreed[1]))
+    return plan
+
+
+def _make_store(plan: MemoryPlan, rows: int, n_total: int, device: torch.device) -> UStore:
+    """Chunks of whole units sized on all n_total samples, the same in every process."""
+
+    def chunk_units(units: int, q: int) -> int:
+        return plan.chunk_bytes // (n_total * q * FLOAT_BYTES)
+
+    if plan.store == "memory":
+        return MemoryStore(rows, chunk_units, device)
+    return DiskStore(rows, chunk_units)
+
+
+def _sum_r_in_batch_order(
+    r_signed: dict[str, torch.Tensor],
+    names: list[str],
+    parts: list[tuple[int, list[torch.Tensor]]],
+    n_batches: int,
+) -> None:
+    """Every process's per-batch R, summed in batch order as one process would (exactly)."""
+    import torch.distributed as td
+
+    sizes = [r_signed[m].numel() for m in names]
+    dev = _comm_device(next(iter(r_signed.values())).device)
+    table = torch.zeros((n_batches, sum(sizes)), dtype=torch.float64, device=dev)
+    for b, part in parts:
+        table[b] = torch.cat(part).to(dev)
+    td.all_reduce(table)  # one process wrote each row, the others added zeros
+    for row in table.to(next(iter(r_signed.values())).device):
+        for m, r in zip(names, torch.split(row, sizes), strict=True):
+            r_signed[m] += r
+
+
+def _gather_rows(x: torch.Tensor, share: _Share, owner: int, dist: Dist) -> torch.Tensor | None:
+    """All processes' rows of one unit chunk, on `owner` (process order); None elsewhere."""
+    import torch.distributed as td
+
+    dev = _comm_device(x.device)
+    buf = x.new_zeros((max(share.rows), *x.shape[1:]), device=dev)
+    buf[: x.shape[0]] = x
+    got = [torch.empty_like(buf) for _ in range(dist.world)] if dist.rank == owner else None
+    td.gather(buf, got, dst=owner)
+    if got is None:
+        return None
+    return torch.cat([g[:k] for g, k in zip(got, share.rows, strict=True)])
+
+
+def _utilization(
+    store: UStore,
+    names: list[str],
+    share: _Share,
+    n_classes: int,
+    device: torch.device,
+    progress: bool,
+    dist: Dist,
+) -> dict[str, torch.Tensor]:
+    """U per layer from the store, one chunk of units at a time (under torchrun chunk j is
+    computed by process j % world from every process's rows, then shared)."""
+    cls_all = torch.cat(share.cls)
+    work = [(m, c0, c1) for m in names for c0, c1 in store.chunks(m)]
+    util = {m: torch.zeros(store.shapes[m][0], dtype=torch.float64) for m in names}
+    bar = tqdm(
+        total=len(work), desc="FAIR U (W1)", unit="chunk", disable=not progress or dist.rank != 0
+    )
+    for j, (m, c0, c1) in enumerate(work):
+        x: torch.Tensor | None = store.read(m, c0, c1)
+        if dist.world > 1:
+            x = _gather_rows(x, share, j % dist.world, dist)
+        if x is not None:
+            util[m][c0:c1] = pairwise_w1_max(x.to(device), cls_all, n_classes).cpu()
+        if c1 == store.shapes[m][0]:
+            store.drop(m)
+        bar.update(1)
+        bar.set_postfix(mem=gb(used_bytes(device)), refresh=False)
+    bar.close()
+    if dist.world > 1:
+        import torch.distributed as td
+
+        flat = torch.cat([util[m] for m in names]).to(_comm_device(device))
+        td.all_reduce(flat)  # each chunk was computed by one process, the others added zeros
+        for m, u in zip(
+            names, torch.split(flat.cpu(), [util[m].numel() for m in names]), strict=True
+        ):
+            util[m] = u
+    return util

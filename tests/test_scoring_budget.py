@@ -1,0 +1,169 @@
+"""Scoring under a memory budget and under torchrun.
+
+The U store on disk holds the same float32 values as in memory (layout checked against the
+written tensor, chunk by chunk); chunked W1 equals W1 of the whole layer; a scoring run with
+U on disk equals one with U in memory bit for bit; the plan picks the largest batch that fits,
+U on disk when it does not fit beside a batch, and refuses, in one line before any work, a
+budget nothing fits in; torchrun with 2 gloo processes equals one process bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import cli_error
+from scoring_setup import digits_cnn, digits_data
+
+from pipeline.membudget import SLACK_BYTES, parse_size, plan_memory, used_bytes
+from pipeline.scores import Scores, ScoringError
+from pipeline.scoring import pairwise_w1_max, score
+from pipeline.ustore import DiskStore, MemoryStore
+
+GB = 10**9
+
+
+def test_parse_size() -> None:
+    assert parse_size("8G") == 8 * GB
+    assert parse_size("8GB") == 8 * GB
+    assert parse_size("7.5GiB") == int(7.5 * 2**30)
+    assert parse_size("512M") == 512 * 10**6
+    assert parse_size(1234) == 1234
+    for bad in ("eight", "8X", "-1G", "0"):
+        with pytest.raises(ScoringError, match="like 8G"):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_store_reads_back_what_was_written_chunk_by_chunk(kind: str, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    rows, units, q = 23, 17, 5
+    full = torch.randn(rows, units, q, generator=g)
+
+    def chunk_units(c: int, qq: int) -> int:
+        return 4  # 17 units: chunks of 4, 4, 4, 4, 1
+
+    store = (
+        DiskStore(rows, chunk_units, str(tmp_path))
+        if kind == "disk"
+        else MemoryStore(rows, chunk_units, torch.device("cpu"))
+    )
+    try:
+        for s in range(0, rows, 6):  # uneven row blocks, as the last batch is
+            store.write("layer", s, full[s : s + 6])
+        assert store.chunks("layer") == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 17)]
+        for c0, c1 in store.chunks("layer"):
+            assert torch.equal(store.read("layer", c0, c1), full[:, c0:c1])
+        if kind == "disk":
+            assert len(list(store.folder.iterdir())) == 1
+    finally:
+        store.close()
+    if kind == "disk":
+        assert not store.folder.exists()  # the temporary folder is removed
+
+
+def test_chunked_w1_equals_whole_layer_w1() -> None:
+    g = torch.Generator().manual_seed(1)
+    cls = torch.arange(60) % 6
+    x = torch.randn(60, 37, 8, generator=g) + cls.view(-1, 1, 1) * torch.rand(37, 8, generator=g)
+    whole = pairwise_w1_max(x, cls, 6)
+    parts = torch.cat([pairwise_w1_max(x[:, s : s + 5], cls, 6) for s in range(0, 37, 5)])
+    assert torch.equal(whole, parts)
+    # shuffled rows (another process order) give the same bits: W1 sorts each class's values
+    perm = torch.randperm(60, generator=g)
+    assert torch.equal(whole, pairwise_w1_max(x[perm], cls[perm], 6))
+    assert not torch.equal(whole, pairwise_w1_max(x, cls.roll(1), 6))  # the check can fail
+
+
+def test_plan_picks_batch_and_store_from_the_budget(tmp_path: Path) -> None:
+    mb = 10**6
+    plan = plan_memory(8 * GB, 2 * GB, 100 * mb, 1 * GB, 64)
+    assert plan.store == "memory"
+    assert plan.batch_size == (8 * GB - 2 * GB - SLACK_BYTES - 1 * GB) // (100 * mb)
+    assert plan.estimated_peak <= 8 * GB
+    big = plan_memory(8 * GB, 2 * GB, 100 * mb, 40 * GB, 64, store_dir=str(tmp_path))
+    assert big.store == "disk"  # 40 GB of U samples cannot wait in 8 GB
+    assert big.batch_size == 57 and big.estimated_peak <= 8 * GB
+    small = plan_memory(64 * GB, 2 * GB, 100 * mb, 1 * GB, 16)
+    assert small.batch_size == 16 and small.store == "memory"  # never above the batch asked for
+    forced = plan_memory(64 * GB, 2 * GB, 100 * mb, 1 * GB, 16, store="disk")
+    assert forced.store == "disk"
+    with pytest.raises(ScoringError, match=r"^scoring needs at least .* raise --max-memory"):
+        plan_memory(2 * GB, 2 * GB, 100 * mb, 1 * GB, 64)
+    with pytest.raises(ScoringError, match="on disk .* free disk space"):
+        plan_memory(8 * GB, 2 * GB, 100 * mb, 10**18, 64, store_dir=str(tmp_path))
+    with pytest.raises(ScoringError, match="in memory"):
+        plan_memory(8 * GB, 2 * GB, 100 * mb, 40 * GB, 64, store="memory")
+
+
+def test_u_on_disk_equals_u_in_memory_bit_for_bit() -> None:
+    x, y = digits_data()
+    mem = score(digits_cnn(), (x, y), samples_per_class=9, batch_size=16, progress=False,
+                u_store="memory")  # fmt: skip
+    disk = score(digits_cnn(), (x, y), samples_per_class=9, batch_size=16, progress=False,
+                 u_store="disk")  # fmt: skip
+    assert mem.names() == disk.names() and len(mem.names()) == 3
+    for n in mem.names():
+        assert np.array_equal(mem[n].U, disk[n].U), n
+        assert np.array_equal(mem[n].R, disk[n].R), n
+        assert np.all(mem[n].U > 0)
+
+
+def test_a_budget_below_what_is_in_use_fails_before_any_work() -> None:
+    x, y = digits_data()
+    budget = used_bytes(torch.device("cpu")) // 2
+    with pytest.raises(ScoringError, match=r"^scoring needs at least .* raise --max-memory"):
+        score(digits_cnn(), (x, y), samples_per_class=9, progress=False, max_memory=budget)
+    with pytest.raises(ScoringError, match="u_store='ram' is not one of auto, memory, disk"):
+        score(digits_cnn(), (x, y), samples_per_class=9, progress=False, u_store="ram")
+
+
+DIGITS_MODEL = """
+from torch import nn
+def build():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(512, 10))
+"""
+
+
+def test_cli_refuses_a_bad_or_unreachable_budget(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    model = tmp_path / "digits_model.py"
+    model.write_text(DIGITS_MODEL)
+    common = ["score", "--model", f"{model}:build", "--data", "digits", "--out", str(out)]
+    line = cli_error([*common, "--max-memory", "8X"])
+    assert "memory size '8X' is not a size" in line
+    line = cli_error([*common, "--max-memory", "1M", "--no-cache", "--quiet"])
+    assert "scoring needs at least" in line and "raise --max-memory" in line
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path: Path) -> None:
+    """2 gloo processes on loopback (U on disk) against 1 process (U in memory): same bits."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun is installed with torch"
+    script = Path(__file__).with_name("ddp_score.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    got = {}
+    for name, cmd, store in (
+        ("two", [torchrun, "--standalone", "--nproc_per_node", "2", str(script)], "disk"),
+        ("one", [sys.executable, str(script)], "memory"),
+    ):
+        out = tmp_path / f"{name}.npz"
+        done = subprocess.run([*cmd, str(out), store], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert out.with_suffix(".world").read_text() == ("2" if name == "two" else "1")
+        got[name] = Scores.load(out)
+    one, two = got["one"], got["two"]
+    assert one.names() == two.names()
+    for n in one.names():
+        assert np.array_equal(one[n].U, two[n].U), n
+        assert np.array_equal(one[n].R, two[n].R), n
+    assert one.class_counts == two.class_counts == [9] * 10
