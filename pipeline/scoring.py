@@ -8,9 +8,11 @@ U: one forward pass over the balanced calibration samples. A forward hook per ca
 output into units x positions (C x H*W for a conv, F x 1 for a linear), projects the positions
 immediately onto P seeded unit directions (one torch.Generator per layer, seeded from
 (seed, crc32(layer name))) and stores only N x C x P float32 per layer (N x C for one-position
-outputs, where the 1-D W1 is exact). Memory bound: sum over layers of N*C*P floats (N*C for
-one-position outputs) plus one batch of activations, plus about 3 copies of one layer's store
-while its W1 is computed. W1: each class's samples are sorted and
+outputs, where the 1-D W1 is exact) in a U store (pipeline/ustore.py): in memory, or in files on
+disk when the memory budget (pipeline/membudget.py) cannot hold it beside a batch; the budget
+also sets the batch size. Peak memory: what is in use at the start plus one batch of activations
+plus the store when in memory; then a few copies of one chunk of units while its W1 is computed
+(chunks of whole units over all samples). W1: each class's samples are sorted and
 laid out as its quantile function on the grid shared by all classes (equal counts: the sorted
 samples / n; unequal counts: the union of the breakpoints i/n_c, widths folded in), so W1(a, b)
 is the L1 distance of two rows, exactly scipy.stats.wasserstein_distance; one batched
@@ -28,6 +30,10 @@ BatchNorm module whose input is exactly that tensor), 'act' (the output of the a
 whose input is the BN output, or the raw output when there is no BN). Found by tensor identity
 in the probe pass; when a stage is missing the layer falls back to the latest one present
 (act -> bn -> raw) and Scores records what was used per layer.
+
+Under torchrun every process scores batches b with b % world == rank; per-batch R is summed in
+batch order after an all-reduce, and chunk j of U's units is computed on process j % world from
+every process's rows (gather), so the result equals one process with the same batch size.
 
 The user's model is left as it was: train/eval flag of every module, requires_grad of every
 parameter, .grad, buffers, hooks and the global RNG state.
