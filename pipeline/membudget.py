@@ -82,8 +82,10 @@ def available_bytes(device: torch.device) -> int:
 
 
 def default_budget(device: torch.device) -> int:
-    """What is in use now plus 80% of what is free: fits the machine it runs on."""
-    return used_bytes(device) + int(DEFAULT_SHARE * available_bytes(device))
+    """What is in use now plus 80% of what is free: fits the machine it runs on. On CPU under
+    torchrun the free share is split between the processes of this machine."""
+    sharers = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return used_bytes(device) + int(DEFAULT_SHARE * available_bytes(device) / sharers)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from cli_helpers import cli_error
 from scoring_setup import digits_cnn, digits_data
 
-from pipeline.membudget import SLACK_BYTES, parse_size, plan_memory, used_bytes
+from pipeline.membudget import SLACK_BYTES, default_budget, parse_size, plan_memory, used_bytes
 from pipeline.scores import Scores, ScoringError
 from pipeline.scoring import pairwise_w1_max, score
 from pipeline.ustore import DiskStore, MemoryStore
@@ -167,3 +167,23 @@ def test_torchrun_two_processes_equal_one_process(tmp_path: Path) -> None:
         assert np.array_equal(one[n].U, two[n].U), n
         assert np.array_equal(one[n].R, two[n].R), n
     assert one.class_counts == two.class_counts == [9] * 10
+
+
+def test_progress_shows_samples_per_second_and_memory(capsys: pytest.CaptureFixture) -> None:
+    x, y = digits_data()
+    score(digits_cnn(), (x, y), samples_per_class=9, batch_size=30, progress=True)
+    err = capsys.readouterr().err
+    assert "FAIR scoring (batch 30, U in memory)" in err
+    assert "sample/s" in err and "mem=" in err and " GB" in err
+    assert "FAIR U (W1)" in err
+
+
+def test_default_budget_is_shared_by_the_processes_of_a_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    one = default_budget(cpu) - used_bytes(cpu)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    four = default_budget(cpu) - used_bytes(cpu)
+    assert one > 0 and four == pytest.approx(one / 4, rel=0.1)
