@@ -5,13 +5,18 @@ Memory counted: the process's resident set on CPU (/proc/self/statm), allocated 
 on CUDA. Scoring's peak is the memory already in use when it starts (model, selected samples)
 plus one batch of activations for the backward pass plus the U store when it is kept in memory
 plus a fixed slack; after the pass, the W1 step needs a few copies of one chunk of units. The
-activations per sample are twice the bytes autograd saves for one sample in the probe pass
-(measured on torchvision resnet50 at 224x224, CPU: 86 MB saved, 128-162 MB peak per sample
-at batch 16-2, the rest being the gradients of the layer outputs and convolution scratch).
+activations per sample are 2.75x the bytes autograd saves for one sample in the probe pass
+(measured on torchvision resnet50 at 224x224, CPU: 86 MB saved; a scoring pass's peak grew by
+147-232 MB per sample of the batch (1.7-2.7x) over batches of 24 down to 8, the rest being
+the gradients of every layer output, which scoring keeps until R is summed, convolution
+scratch and allocator fragmentation).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import re
 import resource
@@ -19,13 +24,14 @@ import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from pipeline.scores import ScoringError
 
 SLACK_BYTES = 256 << 20  # allocator slack, convolution workspaces, Python objects
-ACTIVATION_FACTOR = 2.0  # peak fwd+bwd bytes per sample / autograd-saved bytes per sample
+ACTIVATION_FACTOR = 2.75  # peak scoring bytes per sample / autograd-saved bytes per sample
 W1_COPIES = 6  # copies of one unit chunk alive in the W1 step (read, sorted, quantiles, cdist)
 MAX_CHUNK_BYTES = 256 << 20
 STORES = ("auto", "memory", "disk")
@@ -86,6 +92,22 @@ def default_budget(device: torch.device) -> int:
     torchrun the free share is split between the processes of this machine."""
     sharers = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return used_bytes(device) + int(DEFAULT_SHARE * available_bytes(device) / sharers)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc malloc_trim): between batches the
+    allocator otherwise keeps the freed activations of the last batch as resident memory."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from pipeline.membudget import (
     gb,
     parse_size,
     plan_memory,
+    release_free_memory,
     used_bytes,
 )
 from pipeline.plan import ModelFingerprint
@@ -614,6 +615,7 @@ def score(
                 "outputs; check the labels (or pass loss=)"
             )
         dist = Dist.current()
+        release_free_memory()  # what the probe pass left behind
         plan = _memory_plan(probe, sel, projections, batch_size, budget, u_store, mdev, dist)
         log.info(plan.line())
         share = _Share.of(sel, plan.batch_size, dist)
@@ -824,6 +826,7 @@ def _run_pass(
             st.raw.clear()
             st.chain.clear()
             st.chain_bn.clear()
+            release_free_memory()
             bar.update(e - s)
             bar.set_postfix(mem=gb(used_bytes(dev)), refresh=False)
         bar.close()
