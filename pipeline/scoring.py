@@ -417,14 +417,13 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
             handles.append(m.register_forward_hook(hook))
         if isinstance(m, CANDIDATE_TYPES):
             handles.append(m.register_forward_pre_hook(pre))
-    fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
+    fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
+    saved: dict[tuple[int, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:  # sizes what a backward pass keeps alive
         with contextlib.suppress(RuntimeError):  # tensors without storage (sparse, nested)
-            st = t.untyped_storage()
-            if st.data_ptr() not in fixed:
-                saved[st.data_ptr()] = st.nbytes()
+            if t.untyped_storage().data_ptr() not in fixed:  # not weights, not the input batch
+                saved[(t.data_ptr(), t.nbytes)] = t.nbytes  # a view counts its own bytes only
         return t
 
     try:

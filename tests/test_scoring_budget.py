@@ -187,3 +187,17 @@ def test_default_budget_is_shared_by_the_processes_of_a_machine(
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     four = default_budget(cpu) - used_bytes(cpu)
     assert one > 0 and four == pytest.approx(one / 4, rel=0.1)
+
+
+def test_activation_estimate_counts_the_batch_not_the_whole_calibration_tensor() -> None:
+    """The probe sees 2 rows of the selected samples: a view of a 400-sample tensor must not be
+    counted as 400 samples' worth of saved activations (that halved the batch on resnet50)."""
+    from pipeline.scoring import _probe
+
+    x, _ = digits_data()
+    model = digits_cnn()
+    as_view = _probe(model, x[:2]).saved_per_sample
+    alone = _probe(model, x[:2].clone()).saved_per_sample
+    assert as_view == alone > 0
+    conv_out = 96 * 8 * 8 * 4  # the BatchNorm saves the first conv's output: one sample's bytes
+    assert conv_out <= alone < 20 * conv_out
