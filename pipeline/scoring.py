@@ -568,7 +568,7 @@ def score(
     more than `max_classes` classes a seeded random subset of classes is used (recorded).
     `max_memory` (bytes or '8G'; default: in use now + 80% of what is free) caps the memory of
     the pass: the batch size (at most `batch_size`) and where U's samples wait follow from it.
-    `u_store`: 'auto' (memory when it fits, else a temporary folder on disk), 'memory' or 'disk';
+    `u_store`: 'auto' (memory when it fits, else temporary files on disk), 'memory' or 'disk';
     both keep the exact float32 samples. Under torchrun every process scores its share of the batches (same data on every process);
     the result equals a single-process run with the same batch size.
     """

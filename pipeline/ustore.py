@@ -6,19 +6,19 @@ all rows, which is all W1 needs (every unit's classes are compared on their own)
 keep the exact float32 values, so U does not depend on which one was used.
 
 MemoryStore: one tensor per layer on the scoring device (fast; the budget decides when it fits).
-DiskStore: one file per layer in a private temporary folder, laid out chunk by chunk
-(chunk j holds units [j*u, (j+1)*u) for all rows), so a batch is a few positioned writes and a
-chunk one contiguous read; plain file I/O (no mmap), so the page cache never counts as the
-process's resident memory. The folder is deleted on close().
+DiskStore: one anonymous temporary file per layer (tempfile.TemporaryFile: unlinked as soon as
+it is created, so the system frees it when the store closes or the process ends, killed or
+not), laid out chunk by chunk (chunk j holds units [j*u, (j+1)*u) for all rows), so a batch is a
+few positioned writes and a chunk one contiguous read; plain file I/O (no mmap), so the page
+cache never counts as the process's resident memory.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -94,20 +94,20 @@ class MemoryStore(UStore):
 
 
 class DiskStore(UStore):
-    """One file per layer in a temporary folder under `parent` (default: the system's)."""
+    """One anonymous file per layer under `parent` (default: the system's temporary folder)."""
 
     kind = "disk"
 
     def __init__(self, rows: int, chunk_units: ChunkUnits, parent: str | None = None) -> None:
         super().__init__(rows, chunk_units)
-        self.folder = Path(tempfile.mkdtemp(prefix="fair-edge-u-", dir=parent))
+        self.parent = parent
+        self._files: dict[str, IO[bytes]] = {}
         self._fds: dict[str, int] = {}
 
     def _allocate(self, name: str, units: int, q: int) -> None:
-        path = self.folder / f"{len(self._fds)}.f32"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, self.rows * units * q * FLOAT_BYTES)
-        self._fds[name] = fd
+        f = tempfile.TemporaryFile(prefix="fair-edge-u-", dir=self.parent)  # noqa: SIM115 (closed in drop)
+        os.ftruncate(f.fileno(), self.rows * units * q * FLOAT_BYTES)
+        self._files[name], self._fds[name] = f, f.fileno()
 
     def _base(self, name: str, c0: int) -> int:
         q = self.shapes[name][1]
@@ -129,15 +129,14 @@ class DiskStore(UStore):
         return torch.from_numpy(out)
 
     def drop(self, name: str) -> None:
-        fd = self._fds.pop(name, None)
-        if fd is not None:
-            os.ftruncate(fd, 0)
-            os.close(fd)
+        self._fds.pop(name, None)
+        f = self._files.pop(name, None)
+        if f is not None:
+            f.close()
 
     def close(self) -> None:
-        for name in list(self._fds):
+        for name in list(self._files):
             self.drop(name)
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
