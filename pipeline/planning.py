@@ -34,10 +34,12 @@ class _Target:
     order: np.ndarray  # low-U order
     curve: np.ndarray  # ToD(k), k = 1..n
 
-    def count(self, alpha: float) -> int:
+    def count(self, alpha: float, scale: float = 1.0) -> int:
+        """The ToD count at alpha, times `scale` (rounded down) for budgets below ToD's floor."""
         if self.curve.shape[0] <= 1:
             return 0
-        return count_from_curve(self.curve, alpha)
+        k = count_from_curve(self.curve, alpha)
+        return k if scale >= 1.0 else math.floor(scale * k + 1e-9)
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -127,10 +129,11 @@ def _build(
     alpha: float,
     groups: list[ChannelGroup] | None,
     extra: dict[str, Any] | None = None,
+    scale: float = 1.0,
 ) -> Plan:
     layers: dict[str, LayerPlan] = {}
     for t in targets:
-        k = t.count(alpha)
+        k = t.count(alpha, scale)
         pruned = sorted(int(i) for i in t.order[:k])
         for m in t.members:
             layers[m] = LayerPlan(
@@ -238,6 +241,9 @@ def plan_for_budget(
             )
         top_plan.method["budget"] = {"metric": metric, "target": t, "achieved": top}
         return top_plan
+    floor = removed(alphas[0])[1]
+    if floor > t:
+        return _below_floor(scores, targets, held, float(alphas[0]), groups, cost, metric, t, floor)
     lo, hi = 0, alphas.size - 1  # removed(alphas[hi]) >= t
     while lo < hi:
         mid = (lo + hi) // 2
@@ -247,4 +253,54 @@ def plan_for_budget(
             lo = mid + 1
     best, got = removed(alphas[hi])
     best.method["budget"] = {"metric": metric, "target": t, "achieved": got}
+    return best
+
+
+def scale_breakpoints(targets: list[_Target], alpha: float) -> np.ndarray:
+    """Every scale in (0, 1] at which some floor(scale * k) changes: j / k for each ToD count k."""
+    ks = {t.count(alpha) for t in targets} - {0}
+    vals = {j / k for k in ks for j in range(1, k + 1)}
+    return np.array(sorted(vals), dtype=np.float64)
+
+
+def _below_floor(
+    scores: Scores,
+    targets: list[_Target],
+    held: dict[str, str],
+    alpha: float,
+    groups: list[ChannelGroup] | None,
+    cost: CostModel,
+    metric: str,
+    target: float,
+    floor: float,
+) -> Plan:
+    """Light pruning: the target is below what the smallest ToD level removes.
+
+    On small layers ToD's smallest non-empty level already removes a coarse share (1 of 8 units
+    is 12.5%), so a 5% budget would be overshot several times. Here every layer keeps the ToD
+    allocation of the smallest level, scaled down by one common factor (counts rounded down),
+    still removing each layer's lowest-U units; the smallest factor meeting the target is found by
+    bisection over the finite set of factors where a count changes.
+    """
+
+    def removed(s: float) -> tuple[Plan, float]:
+        p = _build(scores, targets, held, alpha, groups, scale=s)
+        return p, 1.0 - float(cost.remaining(p)[metric])
+
+    scales = scale_breakpoints(targets, alpha)
+    lo, hi = 0, scales.size - 1  # removed(scales[-1] = 1.0) = floor > target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed(scales[mid])[1] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best, got = removed(scales[hi])
+    best.method["budget"] = {"metric": metric, "target": target, "achieved": got}
+    best.method["light"] = {
+        "scale": float(scales[hi]),
+        "floor": floor,
+        "why": f"the smallest ToD level removes {floor:.1%} of {metric}; its per-layer "
+        f"allocation is scaled by {scales[hi]:.3g} to meet {target:.1%}",
+    }
     return best
