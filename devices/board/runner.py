@@ -458,7 +458,7 @@ def parse_trtexec(text):
                 ),
             )
         if "TensorRT.trtexec [TensorRT v" in line:
-            out["version"] = line.split("[TensorRT v", 1)[1].split("]", 1)[0]
+            out["version"] = trt_banner_version(line.split("[TensorRT v", 1)[1].split("]", 1)[0])
         body = line
         while body.startswith("["):
             body = body.split("]", 1)[1].strip() if "]" in body else ""
@@ -466,7 +466,7 @@ def parse_trtexec(text):
             out["throughput_qps"] = float(body.split(":", 1)[1].split()[0])
             continue
         if body.startswith("Engine built in"):
-            out["engine_build_s"] = float(body.split("in", 1)[1].split()[0])
+            out["engine_build_s"] = float(body[len("Engine built in") :].split()[0])
             continue
         if ": min = " not in body:
             continue
@@ -491,6 +491,16 @@ def parse_trtexec(text):
             f"trtexec printed no performance summary: {last_error_line(text)}",
         )
     return out
+
+
+def trt_banner_version(code):
+    """'8.2.1' from trtexec's banner code 8201, '10.3.0' from 100300 (TensorRT 10 widened it)."""
+    if not code.isdigit():
+        return code
+    n = int(code)
+    if n >= 100000:
+        return f"{n // 10000}.{(n // 100) % 100}.{n % 100}"
+    return f"{n // 1000}.{(n // 100) % 10}.{n % 100}"
 
 
 def last_error_line(text):
@@ -540,10 +550,15 @@ def open_onnxruntime(np, model_path, args, rng):
         raise RunnerFailure(
             EXIT_RUNTIME,
             "no_provider",
-            "execution provider {} is not available in this onnxruntime {} (it has {}): install "
-            "the onnxruntime build with it (onnxruntime-gpu for CUDA/TensorRT) or ask for "
-            "another provider".format(
-                ", ".join(missing or wanted), ort.__version__, ", ".join(available)
+            "execution provider{} {} {} not available in this onnxruntime {} (it has {}): "
+            "install the onnxruntime build with {} (onnxruntime-gpu for CUDA/TensorRT) or ask "
+            "for another provider".format(
+                "s" if len(missing or wanted) > 1 else "",
+                ", ".join(missing or wanted),
+                "are" if len(missing or wanted) > 1 else "is",
+                ort.__version__,
+                ", ".join(available),
+                "them" if len(missing or wanted) > 1 else "it",
             ),
         )
     cache = None
