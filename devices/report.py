@@ -242,8 +242,10 @@ def section_labels(comparisons: list[Comparison], full: bool = True) -> list[str
     out = []
     for label, c in zip(labels, comparisons, strict=True):
         if labels.count(label) > 1:
-            prec = c.pruned.runtime.get("precision")
-            label += f", {c.pruned.model['name']}" + (f" at {prec}" if prec else "")
+            rt = c.pruned.runtime or {}
+            trt = any("Tensorrt" in p for p in rt.get("providers_used") or [])
+            label += f", {c.pruned.model['name']}"
+            label += f" at TensorRT {rt['precision']}" if trt and rt.get("precision") else ""
         out.append(label)
     return out
 

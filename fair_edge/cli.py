@@ -331,7 +331,8 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
 
 def cmd_bench(opts: Options, args: argparse.Namespace) -> int:
     from devices.report import measure_pair
-    from fair_edge.deploy import choose_where, resolve_profile, run_spec
+    from fair_edge.deploy import choose_where, resolve_profile
+    from fair_edge.gpu_stage import run_spec
 
     profile = resolve_profile(opts.device)
     where, why = choose_where(profile, opts.run_on)
