@@ -130,7 +130,7 @@ SUBCOMMANDS: dict[str, tuple[str, list[str]]] = {
     "prune": ("apply a plan to the ONNX export (graph surgery, verified, simplified)",
               MODEL + DATA + SCORING + PLANNING + ["plan", "scores", "out"]),
     "export": ("export a model to ONNX (and TFLite / int8 / fp16)",
-               MODEL + DATA + ["runtime", "quantize", "out"]),
+               MODEL + DATA + ["device", "runtime", "quantize", "out"]),
     "bench": ("time model files on a device (two files: original and pruned, one run)", MEASURE),
     "deploy": ("the whole chain: score, plan, prune, convert, measure, bundle",
                MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
@@ -322,8 +322,9 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
         q = out_dir / f"{inp.source.name}.{opts.quantize}.onnx"
         ev = inp.evaluation
         files[opts.quantize] = quantize(
-            opts.quantize, onnx_path, q, calib, ev.inputs, ev.labels
-        ).to_json()
+            opts.quantize, onnx_path, q, calib, ev.inputs, ev.labels,
+            symmetric=inp.profile.tensorrt,  # TensorRT takes int8 QDQ with zero points 0 only
+        ).to_json()  # fmt: skip
     text = "\n".join(f"{k}: {v if isinstance(v, str) else v['path']}" for k, v in files.items())
     _emit(opts, files, text)
     return 0

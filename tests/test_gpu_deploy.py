@@ -206,3 +206,14 @@ def test_gpu_flags_bad_input_is_one_line(tmp_path: Path) -> None:
     rt = json.loads(out)["runtime"]
     assert rt["providers_used"] == ["CPUExecutionProvider"] and rt["engine_cache"] is None
     assert not cache.exists()  # no TensorRT ran: no cache folder made
+
+
+def test_export_for_a_tensorrt_profile_writes_symmetric_int8(tmp_path: Path) -> None:
+    code, out, err = run_cli(
+        ["export", "--device", "jetson", "--data", "fashion-mnist:test", "--runtime", "onnx",
+         "--quantize", "int8", "--out", str(tmp_path), "--json", "--quiet"]
+    )  # fmt: skip
+    assert code == 0, err
+    path = Path(json.loads(out)["int8"]["path"])
+    zps = _zero_points(path)
+    assert zps and all(np.all(z == 0) for z in zps)

@@ -157,7 +157,9 @@ def test_a_missing_provider_is_one_line_exit_code_through_the_real_runner(model:
     msg = out["error"]["message"]
     assert out["error"]["code"] == "no_provider" and "\n" not in msg
     assert msg.startswith(f"execution provider {TRT} is not available") and "onnxruntime-gpu" in msg
-    with pytest.raises(DeviceError, match=f"no_provider.*providers {TRT}, {CUDA} are not available"):
+    with pytest.raises(
+        DeviceError, match=f"no_provider.*providers {TRT}, {CUDA} are not available"
+    ):
         run_local(model, "jetson-orin-nano", runs=2, warmup=0, strict_providers=True)
 
 
