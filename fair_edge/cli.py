@@ -21,6 +21,8 @@ from fair_edge.config import (
     AUGMENT,
     METRICS,
     OPTIMIZERS,
+    PRECISIONS,
+    PROVIDERS,
     QUANTIZE,
     ROUND_MODES,
     RUN_ON,
@@ -102,13 +104,21 @@ FLAGS: dict[str, dict[str, Any]] = {
     "runs": {"type": int, "help": "timed runs per model"},
     "warmup": {"type": int, "help": "untimed warm-up runs per model"},
     "cache": {"action": argparse.BooleanOptionalAction, "help": "re-use cached stages (scores)"},
+    # -- GPU run settings (TensorRT / CUDA) --
+    "provider": {"choices": list(PROVIDERS),
+                 "help": "execution providers: auto (the profile's, falling back), or tensorrt, "
+                         "cuda, cpu (must be on the board)"},
+    "precision": {"choices": PRECISIONS, "help": "TensorRT precision (default: the profile's)"},
+    "trt_cache": {"help": "engine and timing-cache folder on the board, kept between runs"},
+    "workspace_mb": {"type": int, "help": "TensorRT builder workspace in MiB"},
 }  # fmt: skip
 
 MODEL = ["model", "weights", "num_classes", "input_shape"]
 DATA = ["data", "seed"]
 SCORING = ["samples_per_class", "projections", "where", "cache"]
 PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode"]
-MEASURE = ["device", "run_on", "runs", "warmup"]
+GPU = ["provider", "precision", "trt_cache", "workspace_mb"]
+MEASURE = ["device", "run_on", "runs", "warmup", *GPU]
 RECOVERY = ["recover_data", "recover_epochs", "recover_steps", "recover_lr", "recover_optimizer",
             "recover_batch_size", "recover_schedule", "recover_augment", "recover_patience",
             "recover_heldout", "checkpoint"]  # fmt: skip
@@ -120,13 +130,13 @@ SUBCOMMANDS: dict[str, tuple[str, list[str]]] = {
     "prune": ("apply a plan to the ONNX export (graph surgery, verified, simplified)",
               MODEL + DATA + SCORING + PLANNING + ["plan", "scores", "out"]),
     "export": ("export a model to ONNX (and TFLite / int8 / fp16)",
-               MODEL + DATA + ["runtime", "quantize", "out"]),
+               MODEL + DATA + ["device", "runtime", "quantize", "out"]),
     "bench": ("time model files on a device (two files: original and pruned, one run)", MEASURE),
     "deploy": ("the whole chain: score, plan, prune, convert, measure, bundle",
                MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
                + ["plan", "scores", "recalibrate_bn", "recover", "rounds", "max_drop",
                   "max_drop_tries"] + RECOVERY
-               + ["runtime", "quantize", "run_on", "runs", "warmup", "out", "name"]),
+               + ["runtime", "quantize", "run_on", "runs", "warmup", *GPU, "out", "name"]),
     "recover": ("prune by a plan (or plan first) and recover the pruned model by distillation; "
                 "writes the recovered pruned ONNX, its PyTorch weights and the plan",
                 MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
@@ -312,8 +322,9 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
         q = out_dir / f"{inp.source.name}.{opts.quantize}.onnx"
         ev = inp.evaluation
         files[opts.quantize] = quantize(
-            opts.quantize, onnx_path, q, calib, ev.inputs, ev.labels
-        ).to_json()
+            opts.quantize, onnx_path, q, calib, ev.inputs, ev.labels,
+            symmetric=inp.profile.tensorrt,  # TensorRT takes int8 QDQ with zero points 0 only
+        ).to_json()  # fmt: skip
     text = "\n".join(f"{k}: {v if isinstance(v, str) else v['path']}" for k, v in files.items())
     _emit(opts, files, text)
     return 0
@@ -321,12 +332,12 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
 
 def cmd_bench(opts: Options, args: argparse.Namespace) -> int:
     from devices.report import measure_pair
-    from devices.runspec import RunSpec
     from fair_edge.deploy import choose_where, resolve_profile
+    from fair_edge.gpu_stage import run_spec
 
     profile = resolve_profile(opts.device)
     where, why = choose_where(profile, opts.run_on)
-    spec = RunSpec(warmup=opts.warmup, runs=opts.runs)
+    spec = run_spec(opts)
     files = [Path(f) for f in args.files]
     if len(files) > 2:
         raise FairEdgeError("bench takes one model file, or two (original and pruned)")

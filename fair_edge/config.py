@@ -28,6 +28,15 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 AUGMENT = ("shift", "shift+flip", "none")
 DEFAULT_TOD = 0.05
+# GPU run settings (TensorRT / CUDA); --provider names the execution providers it asks for,
+# preferred first, and a provider it names must be on the board (no silent CPU fallback).
+PROVIDERS = {
+    "auto": None,
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cpu": ["CPUExecutionProvider"],
+}
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ConfigError(FairEdgeError):
@@ -113,6 +122,29 @@ class Options:
     cache: bool = True
     quiet: bool = False
     json: bool = False
+    # -- GPU run settings (TensorRT / CUDA) --
+    provider: str = "auto"
+    """auto: the profile's providers in order, falling back to what the board has (the report
+    says which ran each node); tensorrt, cuda or cpu: those, and a missing one is an error."""
+    precision: str | None = None
+    """TensorRT precision fp32, fp16 or int8 (None: the profile's, fp16 on the Jetsons)."""
+    trt_cache: str | None = None
+    """Folder on the board for TensorRT engines and timing caches (None: the profile's)."""
+    workspace_mb: int | None = None
+    """TensorRT builder workspace in MiB (None: the profile's)."""
+
+    def validate_gpu(self) -> None:
+        """The GPU run settings: known provider and precision, a workspace >= 0."""
+        if self.provider not in PROVIDERS:
+            raise ConfigError(
+                f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}"
+            )
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.workspace_mb is not None and self.workspace_mb < 0:
+            raise ConfigError(f"--workspace-mb must be >= 0, got {self.workspace_mb}")
 
     def validate(self) -> Options:
         """Check ranges and choices; return self so calls chain."""
@@ -180,6 +212,7 @@ class Options:
             raise ConfigError(
                 f"--input-shape must be positive sizes like 3,224,224, got {self.input_shape}"
             )
+        self.validate_gpu()
         return self
 
     def to_json(self) -> dict[str, Any]:

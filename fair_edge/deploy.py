@@ -735,7 +735,7 @@ def deploy(
         with _stage("quantize", timings, bar):
             if opts.quantize != "none":
                 _quantize(opts, inp, pruned_model, pruned_onnx, work, variants, variant_files,
-                          tflite_files, tflite_reports, notes)  # fmt: skip
+                          tflite_files, tflite_reports, notes, original_onnx)  # fmt: skip
         with _stage("accuracy", timings, bar):
             acc_orig = accuracy_of(original_onnx, inp.evaluation)
             acc_pruned = accuracy_of(pruned_onnx, inp.evaluation)
@@ -748,9 +748,11 @@ def deploy(
                     else 100 * (v["accuracy"] - acc_pruned)
                 )
         with _stage("measure", timings, bar):
+            from fair_edge.gpu_stage import run_spec, trtexec_pair, variant_precision
+
             where, why = choose_where(profile, opts.run_on)
             say(f"measuring original and pruned on {profile.name} ({where})")
-            spec = RunSpec(warmup=opts.warmup, runs=opts.runs, runtime="onnxruntime")
+            spec = run_spec(opts, runtime="onnxruntime")
             comparisons = [measure_pair(original_onnx, pruned_onnx, profile, where, spec)]
             if "model.tflite" in tflite_files and "reference/original.tflite" in tflite_files:
                 tspec = RunSpec(warmup=opts.warmup, runs=opts.runs, runtime="tflite")
@@ -763,6 +765,17 @@ def deploy(
                         tspec,
                     )
                 )
+            for v in variants:  # GPU profiles: each variant, original vs pruned, same run
+                ref = v.get("original_file")
+                if ref is not None:
+                    vspec = dataclasses.replace(spec, precision=variant_precision(v["kind_id"]))
+                    comparisons.append(measure_pair(variant_files[ref], variant_files[v["file"]],
+                                                    profile, where, vspec))  # fmt: skip
+            trt_pair, why_not = trtexec_pair(original_onnx, pruned_onnx, profile, where, spec)
+            if trt_pair is not None:
+                comparisons.append(trt_pair)
+            if why_not:
+                notes.append(why_not)
             report_dir = work / "report"
             estimates = []
             if not comparisons[0].original.representative:
@@ -834,8 +847,15 @@ def deploy(
                 "tradeoff": tradeoff,
                 "notes": notes,
             }
-            if len(comparisons) > 1:
-                summary["tflite_latency_speedup"] = comparisons[1].ratios["speedup_p50"]
+            for c in comparisons[1:]:
+                if c.original.runtime.get("name") == "tflite":
+                    summary["tflite_latency_speedup"] = c.ratios["speedup_p50"]
+                elif c.original.runtime.get("name") == "trtexec":
+                    summary["trtexec_latency_speedup"] = c.ratios["speedup_p50"]
+                else:
+                    summary.setdefault("variant_latency_speedup", {})[c.pruned.model["name"]] = (
+                        c.ratios["speedup_p50"]
+                    )
             device_report = json.loads((report_dir / "report.json").read_text())
             report_json = {
                 "schema": REPORT_SCHEMA,
@@ -863,7 +883,14 @@ def deploy(
             for rel, path in tflite_files.items():
                 bundle.add_file(rel, path, "reference" if rel.startswith("reference/") else "model")
             for rel, path in variant_files.items():
-                bundle.add_file(rel, path, "model")
+                bundle.add_file(rel, path, "reference" if rel.startswith("reference/") else "model")
+            tensorrt = None
+            if profile.tensorrt:
+                from fair_edge.gpu_stage import engine_bundle
+
+                script, tensorrt = engine_bundle(profile, bundle.name, _engine_models(
+                    opts, profile, pruned_onnx, original_onnx, variants, variant_files))  # fmt: skip
+                bundle.add_text("build_engine.sh", script, "tensorrt")
             bundle.add_file("runner.py", runner_path, "runner")
             for png in ("latency.png", "bars.png"):
                 if (report_dir / png).is_file():
@@ -938,6 +965,8 @@ def deploy(
                     + " model.onnx --hashes manifest.json"
                 },
             }
+            if tensorrt is not None:
+                bundle.manifest["tensorrt"] = tensorrt
             out = write_bundle(opts.out, bundle)
     return DeployResult(
         bundle=out,
@@ -1002,18 +1031,33 @@ def _quantize(
     tflite_files: dict[str, Path],
     tflite_reports: dict[str, Any],
     notes: list[str],
+    original_onnx: Path,
 ) -> None:
-    """int8 (ONNX QDQ, and TFLite full-integer when TFLite is built) or fp16 (ONNX)."""
+    """int8 (ONNX QDQ, and TFLite full-integer when TFLite is built) or fp16 (ONNX).
+
+    On a TensorRT profile the int8 QDQ model is symmetric (zero points 0, what TensorRT takes);
+    on a GPU profile the original gets the same variant, so the two are timed as a pair.
+    """
     from exporters.quantize import convert_fp16_onnx, quantize_int8_onnx
+    from fair_edge.gpu_stage import gpu_profile
 
     calib = calibration_subset(inp.calibration, INT8_CALIBRATION, opts.seed)
+    trt = inp.profile.tensorrt
+    pair = gpu_profile(inp.profile)
     if opts.quantize == "int8":
-        path = quantize_int8_onnx(pruned_onnx, work / "model.int8.onnx", calib)
+        path = quantize_int8_onnx(pruned_onnx, work / "model.int8.onnx", calib, symmetric=trt)
         files["model.int8.onnx"] = path
+        kind = ("int8 QDQ symmetric per-channel, zero points 0 (TensorRT)" if trt
+                else "int8 QDQ per-channel (ONNX Runtime)")  # fmt: skip
         variants.append(
-            {"file": "model.int8.onnx", "kind": "int8 QDQ per-channel (ONNX Runtime)",
+            {"file": "model.int8.onnx", "kind": kind, "kind_id": "int8",
              "calibration_samples": len(calib), "size_bytes": path.stat().st_size}
         )  # fmt: skip
+        if pair:
+            ref = quantize_int8_onnx(original_onnx, work / "original.int8.onnx", calib,
+                                     symmetric=trt)  # fmt: skip
+            files["reference/original.int8.onnx"] = ref
+            variants[-1]["original_file"] = "reference/original.int8.onnx"
         if "model.tflite" in tflite_files and pruned_model is not None:
             from exporters.tflite import convert_tflite, verify_tflite
 
@@ -1040,6 +1084,33 @@ def _quantize(
         path = convert_fp16_onnx(pruned_onnx, work / "model.fp16.onnx")
         files["model.fp16.onnx"] = path
         variants.append(
-            {"file": "model.fp16.onnx", "kind": "fp16 (float32 inputs/outputs)",
+            {"file": "model.fp16.onnx", "kind": "fp16 (float32 inputs/outputs)", "kind_id": "fp16",
              "calibration_samples": 0, "size_bytes": path.stat().st_size}
         )  # fmt: skip
+        if pair:
+            ref = convert_fp16_onnx(original_onnx, work / "original.fp16.onnx")
+            files["reference/original.fp16.onnx"] = ref
+            variants[-1]["original_file"] = "reference/original.fp16.onnx"
+
+
+def _engine_models(
+    opts: Options,
+    profile: DeviceProfile,
+    pruned_onnx: Path,
+    original_onnx: Path,
+    variants: list[dict[str, Any]],
+    files: dict[str, Path],
+) -> dict[str, tuple[Path, str]]:
+    """The bundle's ONNX models build_engine.sh builds, each at the precision it is timed at."""
+    from devices.runspec import gpu_settings
+    from fair_edge.gpu_stage import run_spec, variant_precision
+
+    base = gpu_settings(run_spec(opts), profile)["precision"]
+    models = {"model.onnx": (pruned_onnx, base), "reference/original.onnx": (original_onnx, base)}
+    for v in variants:
+        if v["file"].endswith(".onnx"):
+            prec = variant_precision(v["kind_id"])
+            models[v["file"]] = (files[v["file"]], prec)
+            if v.get("original_file"):
+                models[v["original_file"]] = (files[v["original_file"]], prec)
+    return models
