@@ -20,8 +20,10 @@ from calibration.errors import FairEdgeError
 from fair_edge.config import (
     AUGMENT,
     METRICS,
+    NORMALIZE,
     OPTIMIZERS,
     QUANTIZE,
+    RESIZE_MODES,
     ROUND_MODES,
     RUN_ON,
     RUNTIMES,
@@ -40,6 +42,19 @@ def _shape(text: str) -> list[int]:
         return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 0.5,0.5,0.5, got {text!r}"
+        ) from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 # name -> (argparse keyword arguments). Flags are `--name-with-dashes`; defaults stay None so
@@ -102,12 +117,31 @@ FLAGS: dict[str, dict[str, Any]] = {
     "runs": {"type": int, "help": "timed runs per model"},
     "warmup": {"type": int, "help": "untimed warm-up runs per model"},
     "cache": {"action": argparse.BooleanOptionalAction, "help": "re-use cached stages (scores)"},
+    # image data preprocessing and plan controls
+    "image_size": {"type": _shape, "help": "resize images to H,W (one value: square; default: "
+                   "--input-shape's, else the images' own)"},
+    "channels": {"type": int, "help": "1 (grayscale) or 3 (RGB) (default: --input-shape's, else 3)"},
+    "mean": {"type": _floats, "help": "per-channel mean of pixels in 0..1, e.g. 0.485,0.456,0.406"},
+    "std": {"type": _floats, "help": "per-channel std of pixels in 0..1, e.g. 0.229,0.224,0.225"},
+    "normalize": {"choices": NORMALIZE, "help": "a named mean/std preset instead of --mean/--std"},
+    "resize_mode": {"choices": RESIZE_MODES, "help": "stretch (default), shorter-side (keep "
+                    "aspect, centre crop) or center-crop (no scaling)"},
+    "labels_file": {"help": "class names one per line, in the model's output order (default: the "
+                    "model's class_names attribute, else sorted folder names)"},
+    "ignore_layers": {"type": _names, "help": "layers never pruned: names or shell patterns, "
+                      "comma-separated (e.g. 'stem.*,head')"},
+    "max_layer_ratio": {"type": float, "help": "the largest share of any layer's units removed"},
+    "round_to": {"type": int, "help": "round kept channels to this multiple (instead of the "
+                 "device profile's channel_multiple)"},
+    "opset": {"type": int, "help": "ONNX opset of the exports, 17 to 20 (default 17)"},
 }  # fmt: skip
 
-MODEL = ["model", "weights", "num_classes", "input_shape"]
-DATA = ["data", "seed"]
+MODEL = ["model", "weights", "num_classes", "input_shape", "opset"]
+DATA = ["data", "seed", "image_size", "channels", "mean", "std", "normalize", "resize_mode",
+        "labels_file"]  # fmt: skip
 SCORING = ["samples_per_class", "projections", "where", "cache"]
-PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode"]
+PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode",
+            "round_to", "ignore_layers", "max_layer_ratio"]  # fmt: skip
 MEASURE = ["device", "run_on", "runs", "warmup"]
 RECOVERY = ["recover_data", "recover_epochs", "recover_steps", "recover_lr", "recover_optimizer",
             "recover_batch_size", "recover_schedule", "recover_augment", "recover_patience",
@@ -241,7 +275,7 @@ def _plan(opts: Options, inp: Any = None):
         scores = Scores.load(opts.scores)
     else:
         scores = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))[0]
-    proto = export_onnx(model, example_input(inp.calibration), None)
+    proto = export_onnx(model, example_input(inp.calibration), None, opset=opts.opset)
     return inp, proto, make_plan(scores, proto, model, opts, inp.profile)
 
 
@@ -266,7 +300,9 @@ def cmd_prune(opts: Options, args: argparse.Namespace) -> int:
         plan = Plan.load(opts.plan)
         if inp.source.model is not None:
             plan.check_model(inp.source.model)
-            proto = export_onnx(inp.source.model, example_input(inp.calibration), None)
+            proto = export_onnx(
+                inp.source.model, example_input(inp.calibration), None, opset=opts.opset
+            )
         else:
             proto = load_onnx(inp.source.onnx_path)
     else:
@@ -298,7 +334,7 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
     out_dir = Path(opts.out)
     x0 = example_input(inp.calibration)
     onnx_path = out_dir / f"{inp.source.name}.onnx"
-    export_onnx(model, x0, onnx_path)
+    export_onnx(model, x0, onnx_path, opset=opts.opset)
     files: dict[str, Any] = {"onnx": str(onnx_path)}
     calib = calibration_subset(inp.calibration, 256, opts.seed)
     if opts.runtime == "tflite" or (opts.runtime == "auto" and inp.profile.runtime("tflite")):
@@ -384,7 +420,7 @@ def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
     if opts.plan:
         plan = Plan.load(opts.plan)
         plan.check_model(model)
-        proto = export_onnx(model, example_input(inp.calibration), None)
+        proto = export_onnx(model, example_input(inp.calibration), None, opset=opts.opset)
     else:
         inp, proto, plan = _plan(opts, inp)
     plan.method.setdefault("input_shape", [1, *inp.calibration.sample_shape])

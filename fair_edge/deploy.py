@@ -37,6 +37,7 @@ from exporters.evaluate import model_outputs, top1
 from fair_edge.config import DEFAULT_TOD, Options
 from fair_edge.model_source import ModelSource, resolve_model
 from fair_edge.stage_cache import StageCache, hash_arrays, hash_model
+from pipeline.controls import PlanControls
 from pipeline.plan import Plan
 from pipeline.scores import Scores
 
@@ -96,14 +97,14 @@ def resolve_profile(name: str) -> DeviceProfile:
 
 def resolve_inputs(opts: Options) -> Inputs:
     """Profile first (cheapest to get wrong), then model, then data."""
-    from calibration.loaders import load_data
+    from fair_edge.data_source import load_user_data
 
     profile = resolve_profile(opts.device)
     source = resolve_model(
         opts.model, weights=opts.weights, num_classes=opts.num_classes, progress=show_progress(opts)
     )
     if opts.data is not None:
-        calib = load_data(opts.data)
+        calib = load_user_data(opts.data, opts, source.model)
     elif source.calibration_data is not None:
         calib = source.calibration_data
     else:
@@ -112,7 +113,7 @@ def resolve_inputs(opts: Options) -> Inputs:
             "an IDX file, 'fashion-mnist' or 'digits')"
         )
     if opts.eval_data is not None:
-        evaluation, same = load_data(opts.eval_data), False
+        evaluation, same = load_user_data(opts.eval_data, opts, source.model), False
     elif opts.data is None and source.eval_data is not None:
         evaluation, same = source.eval_data, False
     elif calib.labels is not None and len(calib) >= MIN_SPLIT:
@@ -123,7 +124,8 @@ def resolve_inputs(opts: Options) -> Inputs:
     if opts.input_shape is not None and list(calib.sample_shape) != list(opts.input_shape):
         raise DeployError(
             f"--input-shape {opts.input_shape} does not match the data's samples "
-            f"{list(calib.sample_shape)}; fix the preprocessing (resize/channels) or the shape"
+            f"{list(calib.sample_shape)}; fix the preprocessing (--image-size/--channels, for "
+            "image folders and raw arrays) or the shape"
         )
     if evaluation.sample_shape != calib.sample_shape:
         raise DeployError(
@@ -179,10 +181,17 @@ def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelS
         with torch.no_grad():
             out = model(example_input(cs))
     except Exception as exc:
+        from fair_edge.data_source import first_layer_hint
+
+        hint = first_layer_hint(model)
         raise DeployError(
             f"model {source.spec!r} cannot run on the data's samples of shape "
             f"{list(cs.sample_shape)} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "give data with the model's input shape and preprocessing"
+            + (
+                f"{hint} (or give data with the model's input shape)"
+                if hint
+                else "give data with the model's input shape and preprocessing"
+            )
         ) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise DeployError(
@@ -298,6 +307,16 @@ def compute_scores(
     return Scores.load(folder / "scores.npz"), hit
 
 
+def plan_controls(opts: Options) -> PlanControls:
+    """--ignore-layers, --max-layer-ratio and the config's layer_ratio_caps, for the planner."""
+    return PlanControls.of(opts.ignore_layers, opts.max_layer_ratio, opts.layer_ratio_caps)
+
+
+def channel_multiple(opts: Options, profile: DeviceProfile) -> int:
+    """The multiple kept channel counts are rounded to: --round-to, else the profile's."""
+    return opts.round_to if opts.round_to is not None else profile.channel_multiple
+
+
 def make_plan(
     scores: Scores,
     onnx_model: onnx.ModelProto,
@@ -311,8 +330,13 @@ def make_plan(
     from pipeline.planning import plan, plan_for_budget
 
     groups = find_groups(onnx_model)
+    controls = plan_controls(opts)
+    multiple = channel_multiple(opts, profile)
     if opts.latency_ms is not None:
         from devices.latency_plan import plan_for_latency
+
+        def planner(alpha: float) -> Plan:
+            return plan(scores, alpha, groups=groups, model=model, controls=controls)
 
         found = plan_for_latency(
             scores,
@@ -320,9 +344,10 @@ def make_plan(
             profile,
             opts.latency_ms,
             groups,
-            rounding=opts.round,
+            rounding=multiple if opts.round else False,
             mode=opts.round_mode,
             model=model,
+            planner=planner,
         )
         result = found.plan
         summary = {k: v for k, v in found.to_json().items() if k not in ("plan", "latency_model")}
@@ -336,10 +361,13 @@ def make_plan(
             cost=OnnxCostModel(onnx_model),
             groups=groups,
             model=model,
+            controls=controls,
         )
     else:
-        result = plan(scores, opts.tod or DEFAULT_TOD, groups=groups, model=model)
-    if opts.round and profile.channel_multiple > 1:
+        result = plan(
+            scores, opts.tod or DEFAULT_TOD, groups=groups, model=model, controls=controls
+        )
+    if opts.round and multiple > 1:
         from pipeline.rounding import round_plan
 
         mode = opts.round_mode
@@ -348,11 +376,15 @@ def make_plan(
         result = round_plan(
             result,
             scores,
-            profile.channel_multiple,
+            multiple,
             mode=mode,
             groups=groups,
             cost=OnnxCostModel(onnx_model),
         )
+        result.method["rounding"]["from"] = (
+            "--round-to" if opts.round_to is not None else f"profile {profile.name}"
+        )
+    result.method["export"] = {"opset": opts.opset}
     return result
 
 
@@ -627,7 +659,9 @@ def deploy(
         with _stage("export", timings, bar):
             raw_original = work / "original.raw.onnx"
             if model is not None:
-                original_proto = export_onnx(model, example_input(inp.calibration), raw_original)
+                original_proto = export_onnx(
+                    model, example_input(inp.calibration), raw_original, opset=opts.opset
+                )
             else:
                 original_proto = load_onnx(source.onnx_path)
                 shutil.copyfile(source.onnx_path, raw_original)
@@ -643,7 +677,8 @@ def deploy(
                 from fair_edge.recovery_stage import prune_in_rounds
 
                 rounds = prune_in_rounds(model, inp.calibration, rec_stage.data(), opts, cache,
-                                         profile.channel_multiple, progress=show_progress(opts))  # fmt: skip
+                                         channel_multiple(opts, profile),
+                                         progress=show_progress(opts))  # fmt: skip
                 the_plan = rounds.plan
             elif opts.max_drop is not None:
                 from fair_edge.accuracy_plan import plan_for_accuracy
@@ -893,6 +928,7 @@ def deploy(
                     "layout": inp.calibration.preprocessing.layout,
                 },
                 "preprocessing": inp.calibration.preprocessing.to_json(),
+                "onnx_opset": opts.opset,
                 "labels": list(inp.calibration.class_names),
                 "data": {
                     "calibration": inp.calibration.to_json(),
