@@ -494,7 +494,9 @@ def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> lis
             _fmt(m["accuracy"][1], ".4f"),
         ),
     ]
-    out = [
+    warnings = summary.get("warnings") or []
+    out = [section("Warnings", bullets(warnings, strong=True), cls="warnings")] if warnings else []
+    out += [
         section(
             None,
             para(
@@ -596,6 +598,9 @@ def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> lis
                 cls="variants",
             )
         )
+    data = summary.get("data")
+    if data:
+        out.append(section("Data", bullets(data_lines(data)), cls="data"))
     notes = summary.get("notes") or []
     if notes:
         out.append(section("Notes", bullets([str(n) for n in notes]), cls="notes"))
@@ -775,6 +780,9 @@ def deploy(
             acc_orig = accuracy_of(original_onnx, inp.evaluation)
             acc_pruned = accuracy_of(pruned_onnx, inp.evaluation)
             acc_stages = {"unpruned": acc_orig, **acc_stages, "shipped (pruned ONNX)": acc_pruned}
+            data_record, warnings = _data_record(opts, inp, acc_orig, scored=scores is not None)
+            for w in warnings:
+                say(f"warning: {w}")
             for v in variants:
                 v["accuracy"] = accuracy_of(variant_files[v["file"]], inp.evaluation)
                 v["accuracy_change_points"] = (
@@ -868,6 +876,8 @@ def deploy(
                 "recovery": recovery,
                 "tradeoff": tradeoff,
                 "notes": notes,
+                "data": data_record,
+                "warnings": warnings,
             }
             if len(comparisons) > 1:
                 summary["tflite_latency_speedup"] = comparisons[1].ratios["speedup_p50"]
@@ -983,6 +993,64 @@ def deploy(
         timings=timings,
         notes=notes,
     )
+
+
+def _data_record(
+    opts: Options, inp: Inputs, acc_orig: float | None, scored: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """Which data every figure came from, and the warnings about it (short classes, chance)."""
+    from fair_edge.data_checks import chance_level, chance_warning, scoring_sample, short_warning
+
+    ev = inp.evaluation
+    record: dict[str, Any] = {
+        "calibration": {"source": inp.calibration.source, "samples": len(inp.calibration),
+                        "labels": inp.calibration.label_source},
+        "scoring": scoring_sample(inp.calibration, opts.samples_per_class, opts.seed)
+        if scored else None,
+        "evaluation": {"source": ev.source, "samples": len(ev), "labels": ev.label_source,
+                       "chance": chance_level(ev), "is_calibration": inp.eval_is_calibration},
+        "preprocessing": inp.calibration.preprocessing.to_json(),
+    }  # fmt: skip
+    warnings = [w for w in (short_warning(record["scoring"]) if scored else None,
+                            chance_warning(acc_orig, ev)) if w]  # fmt: skip
+    if inp.eval_is_calibration and ev.labels is not None:
+        warnings.append(
+            f"accuracy is measured on the {len(ev)} calibration samples themselves (too few to hold "
+            f"{MIN_SPLIT // 5} out): give --eval-data, or more labelled data"
+        )
+    return record, warnings
+
+
+def data_lines(data: dict[str, Any]) -> list[str]:
+    """The report's Data section: what each figure was measured on."""
+    cal, ev, sc, pre = (
+        data["calibration"],
+        data["evaluation"],
+        data["scoring"],
+        data["preprocessing"],
+    )
+    lines = [
+        f"calibration data: {cal['source']}, {cal['samples']} samples (labels: {cal['labels']})"
+    ]
+    if sc is not None:
+        short = f"; short classes: {', '.join(f'{k}={v}' for k, v in sc['short'].items())}" if sc[
+            "short"] else ""  # fmt: skip
+        lines.append(
+            f"scoring used {sc['samples']} of them ({sc['per_class']} per class asked, labels: "
+            f"{sc['labels']}){short}"
+        )
+    chance = "n/a" if ev["chance"] is None else format(ev["chance"], ".4f")
+    lines.append(
+        f"every top-1 figure: {ev['source']}, {ev['samples']} samples (labels: {ev['labels']}; "
+        f"chance {chance})"
+    )
+    size = "x".join(map(str, pre["resize"])) if pre.get("resize") else "as stored"
+    lines.append(
+        f"preprocessing (also in manifest.json): size {size} ({pre.get('resize_mode', 'stretch')}), "
+        f"channels {pre.get('channels') or 'as stored'}, scale {pre['scale']:.6g}, mean "
+        f"{pre['mean']}, std {pre['std']}, layout {pre['layout']}"
+    )
+    return lines
 
 
 def _input_name(path: Path) -> str:
