@@ -249,6 +249,7 @@ def _model_and_data(opts: Options):
 
 
 def cmd_score(opts: Options, args: argparse.Namespace) -> int:
+    from fair_edge.data_checks import scoring_sample, short_warning
     from fair_edge.deploy import compute_scores
     from fair_edge.stage_cache import StageCache
 
@@ -257,7 +258,12 @@ def cmd_score(opts: Options, args: argparse.Namespace) -> int:
     scores, hit = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))
     out = Path(opts.out) / f"{inp.source.name}.scores.npz"
     scores.save(out)
-    _emit(opts, {"scores": str(out), "cached": hit, "layers": scores.names()},
+    sample = scoring_sample(inp.calibration, opts.samples_per_class, opts.seed)
+    warning = short_warning(sample)
+    if warning:
+        _log(opts)(f"warning: {warning}")
+    _emit(opts, {"scores": str(out), "cached": hit, "layers": scores.names(), "sampling": sample,
+                 "warnings": [warning] if warning else []},
           f"scores of {len(scores.names())} layers -> {out}{' (cached)' if hit else ''}")  # fmt: skip
     return 0
 

@@ -130,4 +130,17 @@ def test_unlabelled_plain_folder(user, tmp_path: Path) -> None:
          "--projections", "4", "--no-cache", "--json", "--quiet", "--out", str(tmp_path / "o")]
     )  # fmt: skip
     assert code == 0, err
-    assert json.loads(out)["layers"]
+    result = json.loads(out)
+    assert result["layers"] and result["sampling"]["labels"] == "the unpruned model's top-1"
+
+
+def test_score_states_short_classes(user, tmp_path: Path) -> None:
+    code, out, err = run_cli(
+        ["score", "--model", f"{user['model']}:build", "--data", str(user["imgs"]),
+         "--input-shape", "1,28,28", "--normalize", "fashion-mnist", "--samples-per-class", "8",
+         "--projections", "4", "--no-cache", "--json", "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["sampling"]["short"]) == {"Bag", "Ankle boot"}
+    assert "fewer than --samples-per-class 8" in result["warnings"][0]
