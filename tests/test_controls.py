@@ -77,6 +77,9 @@ def test_bad_pattern_is_one_line_and_writes_nothing(common: list[str], tmp_path:
     assert "--max-layer-ratio" in cli_error(["plan", *common, "--max-layer-ratio", "1.5"])
     assert "--opset must be 17 to 20" in cli_error(["plan", *common, "--opset", "13"])
     assert "--round-to" in cli_error(["plan", *common, "--round-to", "0"])
+    line = cli_error(["deploy", *common, "--rounds", "2", "--target", "0.5",
+                      "--max-layer-ratio", "0.3"])  # fmt: skip
+    assert "apply to one-round plans" in line
 
 
 def test_export_writes_the_asked_opset(common: list[str], tmp_path: Path) -> None:

@@ -144,3 +144,20 @@ def test_score_states_short_classes(user, tmp_path: Path) -> None:
     result = json.loads(out)
     assert set(result["sampling"]["short"]) == {"Bag", "Ankle boot"}
     assert "fewer than --samples-per-class 8" in result["warnings"][0]
+
+
+def test_class_order_from_the_models_own_list(user) -> None:
+    """Without a labels file, a model's `class_names` attribute orders the classes."""
+    import torch
+
+    from fair_edge.config import Options
+    from fair_edge.data_source import load_user_data
+
+    model = torch.nn.Linear(1, 10)
+    model.class_names = NAMES  # type: ignore[attr-defined]
+    opts = Options(input_shape=[1, 28, 28])
+    cs = load_user_data(str(user["imgs"]), opts, model)
+    assert cs.class_names == NAMES
+    assert np.bincount(cs.labels).tolist() == COUNTS  # folder "Bag" -> index 8, not sorted order
+    plain = load_user_data(str(user["imgs"]), opts, None)
+    assert plain.class_names == sorted(NAMES) and plain.sample_shape == (1, 28, 28)
