@@ -172,6 +172,25 @@ class Preprocessing:
         top, left = (ih - h) // 2, (iw - w) // 2
         return a[top : top + h, left : left + w]
 
+    def steps(self) -> list[str]:
+        """The preprocessing as steps a board application can repeat (the manifest carries them)."""
+        chans = {None: "as stored", 1: "grayscale (0.299 R + 0.587 G + 0.114 B)", 3: "RGB"}
+        out = [f"read the image as {chans[self.channels]}, alpha dropped"]
+        if self.resize is not None:
+            h, w = self.resize
+            out.append(
+                {
+                    "stretch": f"resize to {h}x{w} (bilinear, aspect ratio not kept)",
+                    "shorter-side": f"scale (bilinear) to cover {h}x{w} keeping the aspect ratio, "
+                    f"then crop the centre {h}x{w}",
+                    "center-crop": f"crop the centre {h}x{w} (no scaling)",
+                }[self.resize_mode]
+            )
+        out.append(f"x = (pixel * {self.scale:.8g} - mean) / std with mean {list(self.mean)}, "
+                   f"std {list(self.std)} per channel")  # fmt: skip
+        out.append(f"float32 in {self.layout} layout, batch first")
+        return out
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["resize"] = list(self.resize) if self.resize is not None else None

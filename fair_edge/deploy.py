@@ -938,6 +938,7 @@ def deploy(
                     "layout": inp.calibration.preprocessing.layout,
                 },
                 "preprocessing": inp.calibration.preprocessing.to_json(),
+                "preprocessing_steps": inp.calibration.preprocessing.steps(),
                 "onnx_opset": opts.opset,
                 "labels": list(inp.calibration.class_names),
                 "data": {

@@ -77,6 +77,9 @@ def test_folder_with_preprocessing_options_and_labels_file(user, tmp_path: Path)
         pre["mean"] == [0.286] and pre["std"] == [0.353] and pre["scale"] == pytest.approx(1 / 255)
     )
     assert r["manifest"]["labels"] == NAMES
+    steps = r["manifest"]["preprocessing_steps"]
+    assert steps[0].startswith("read the image as grayscale") and "resize to 28x28" in steps[1]
+    assert r["manifest"]["onnx_opset"] == 17
     summary = r["report"]["summary"]
     acc = summary["metrics"]["accuracy"][0]
     assert acc > 0.7  # the model's own order: it reads these images as it was trained
@@ -161,3 +164,23 @@ def test_class_order_from_the_models_own_list(user) -> None:
     assert np.bincount(cs.labels).tolist() == COUNTS  # folder "Bag" -> index 8, not sorted order
     plain = load_user_data(str(user["imgs"]), opts, None)
     assert plain.class_names == sorted(NAMES) and plain.sample_shape == (1, 28, 28)
+
+
+def test_resize_modes_match_pil_and_numpy() -> None:
+    from calibration.data import Preprocessing
+    from calibration.errors import CalibrationError
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(30, 50), dtype=np.uint8)  # H=30, W=50
+    crop = Preprocessing(resize=(20, 20), resize_mode="center-crop", channels=1)
+    np.testing.assert_array_equal(crop.apply([img])[0, 0], img[5:25, 15:35].astype(np.float32))
+    short = Preprocessing(resize=(15, 15), resize_mode="shorter-side", channels=1)
+    # oracle: PIL scales the shorter side 30 -> 15 (50 -> 25), then the centre 15x15
+    ref = np.asarray(
+        Image.fromarray(img.astype(np.float32), mode="F").resize((25, 15), Image.BILINEAR)
+    )[:, 5:20]
+    np.testing.assert_allclose(short.apply([img])[0, 0], ref, atol=1e-4)
+    stretch = Preprocessing(resize=(15, 15), channels=1).apply([img])[0, 0]
+    assert not np.allclose(stretch, ref, atol=1e-2)  # the modes really differ
+    with pytest.raises(CalibrationError, match="smaller than the 40x40 centre crop"):
+        Preprocessing(resize=(40, 40), resize_mode="center-crop", channels=1).apply([img])
