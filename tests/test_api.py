@@ -66,3 +66,28 @@ def test_prune_controls_and_opset(resnet) -> None:
     assert {o.domain: o.version for o in r.pruned.opset_import}[""] == 18
     with pytest.raises(PlanError, match="matches no layer"):
         prune(resnet, X0, load_digits(), samples_per_class=8, projections=8, ignore_layers="nope")
+
+
+def test_an_ignored_group_member_keeps_its_group(resnet) -> None:
+    """Ignoring one member of a residual group keeps the whole group (its partner layer too)."""
+    data = load_digits()
+    free = prune(resnet, X0, data, tod=0.5, samples_per_class=8, projections=8)
+    assert free.plan.layers["layers.1.conv2"].pruned  # tied to the shortcut, pruned when free
+    r = prune(resnet, X0, data, tod=0.5, samples_per_class=8, projections=8,
+              ignore_layers="layers.1.shortcut")  # fmt: skip
+    assert r.plan.layers["layers.1.shortcut.0"].pruned == []
+    assert r.plan.layers["layers.1.conv2"].pruned == []
+    assert "held group" in r.plan.method["held"]["layers.1.conv2"]
+    assert r.plan.method["controls"]["ignored"] == ["layers.1.shortcut.0"]
+
+
+def test_unlabelled_inputs_use_the_models_own_top1() -> None:
+    from calibration.loaders import load_fashion_mnist
+    from pipeline.train import default_model
+
+    x = load_fashion_mnist("test").inputs[:300]
+    r = prune(default_model(progress=False), torch.zeros(1, 1, 28, 28), (x, None), target=0.3,
+              samples_per_class=8, projections=8)  # fmt: skip
+    assert r.sampling == {"samples": 300, "label_source": "none"}
+    assert r.plan.method["budget"]["achieved"] >= 0.3
+    assert r.surgery.verification["max_abs_diff"] <= r.surgery.verification["bound"]
