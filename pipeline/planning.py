@@ -67,8 +67,8 @@ def _check_model(scores: Scores, model: nn.Module | None) -> None:
 
 def _targets(
     scores: Scores, groups: list[ChannelGroup] | None, controls: PlanControls | None = None
-) -> tuple[list[_Target], dict[str, str], dict[str, int]]:
-    """ToD problems, {layer: why not pruned} for layers kept whole, {layer: cap on its count}."""
+) -> tuple[list[_Target], dict[str, str]]:
+    """ToD problems (with their caps), plus {layer: why not pruned} for layers kept whole."""
     controls = controls or PlanControls()
     units = {n: ls.n_units for n, ls in scores.layers.items()}
     held, caps = controls.resolve(units, [*scores.graph, *scores.output_layers])
@@ -129,8 +129,7 @@ def _targets(
         targets.append(
             _Target(name, [name], None, low_u_order(ls.U), tod_curve(ls.U, ls.R), caps.get(name))
         )
-    capped = {m: t.max_k for t in targets if t.max_k is not None for m in t.members}
-    return targets, held, capped
+    return targets, held
 
 
 def _build(
@@ -142,7 +141,6 @@ def _build(
     extra: dict[str, Any] | None = None,
     scale: float = 1.0,
     controls: PlanControls | None = None,
-    caps: dict[str, int] | None = None,
 ) -> Plan:
     layers: dict[str, LayerPlan] = {}
     for t in targets:
@@ -174,7 +172,7 @@ def _build(
         method["controls"] = {
             **controls.to_json(),
             "ignored": sorted(m for m, why in held.items() if why.startswith("ignored")),
-            "max_pruned": dict(caps or {}),
+            "max_pruned": {m: t.max_k for t in targets if t.max_k is not None for m in t.members},
         }
     method.update(extra or {})
     return Plan(
@@ -193,8 +191,8 @@ def plan(
     (capped, or not at all for ignored layers, by `controls`)."""
     a = _check_alpha(alpha)
     _check_model(scores, model)
-    targets, held, caps = _targets(scores, groups, controls)
-    return _build(scores, targets, held, a, groups, controls=controls, caps=caps)
+    targets, held = _targets(scores, groups, controls)
+    return _build(scores, targets, held, a, groups, controls=controls)
 
 
 def alpha_breakpoints(targets: list[_Target]) -> np.ndarray:
@@ -242,7 +240,7 @@ def plan_for_budget(
         raise PlanError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
     _check_model(scores, model)
     cost = cost if cost is not None else ScoresCostModel(scores)
-    targets, held, caps = _targets(scores, groups, controls)
+    targets, held = _targets(scores, groups, controls)
     top_alpha = _check_alpha(max_alpha)
     alphas = alpha_breakpoints(targets)
     alphas = alphas[alphas <= top_alpha]
@@ -250,7 +248,7 @@ def plan_for_budget(
         raise PlanError("no layer can be pruned by the ToD rule (all layers are one unit or held)")
 
     def removed(a: float) -> tuple[Plan, float]:
-        p = _build(scores, targets, held, float(a), groups, controls=controls, caps=caps)
+        p = _build(scores, targets, held, float(a), groups, controls=controls)
         return p, 1.0 - float(cost.remaining(p)[metric])
 
     top_plan, top = removed(alphas[-1])
@@ -266,7 +264,7 @@ def plan_for_budget(
     floor = removed(alphas[0])[1]
     if floor > t:
         return _below_floor(scores, targets, held, float(alphas[0]), groups, cost, metric, t,
-                            floor, controls=controls, caps=caps)  # fmt: skip
+                            floor, controls=controls)  # fmt: skip
     lo, hi = 0, alphas.size - 1  # removed(alphas[hi]) >= t
     while lo < hi:
         mid = (lo + hi) // 2
@@ -297,7 +295,6 @@ def _below_floor(
     target: float,
     floor: float,
     controls: PlanControls | None = None,
-    caps: dict[str, int] | None = None,
 ) -> Plan:
     """Light pruning: the target is below what the smallest ToD level removes.
 
@@ -309,7 +306,7 @@ def _below_floor(
     """
 
     def removed(s: float) -> tuple[Plan, float]:
-        p = _build(scores, targets, held, alpha, groups, scale=s, controls=controls, caps=caps)
+        p = _build(scores, targets, held, alpha, groups, scale=s, controls=controls)
         return p, 1.0 - float(cost.remaining(p)[metric])
 
     scales = scale_breakpoints(targets, alpha)
