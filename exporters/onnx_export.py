@@ -26,6 +26,8 @@ from exporters.errors import ExportError
 from pipeline.plan import ModelFingerprint
 
 _TWO_GB = 2**31 - 1
+MIN_OPSET = 17
+MAX_OPSET = 20  # torch.onnx's TorchScript exporter writes up to opset 20
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -40,8 +42,11 @@ def export_onnx(
     Returns the ModelProto. `path=None` exports in memory only. The user's model is left as it
     was (training flag restored).
     """
-    if opset < 17:
-        raise ExportError(f"opset {opset} is too old; fair-edge exports opset 17 or newer")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"opset {opset} is not supported; fair-edge exports opset {MIN_OPSET} to {MAX_OPSET} "
+            "(the range of torch's TorchScript ONNX exporter that keeps parameter names)"
+        )
     was_training = model.training
     model.eval()
     buf = io.BytesIO()

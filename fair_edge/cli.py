@@ -20,10 +20,12 @@ from calibration.errors import FairEdgeError
 from fair_edge.config import (
     AUGMENT,
     METRICS,
+    NORMALIZE,
     OPTIMIZERS,
     PRECISIONS,
     PROVIDERS,
     QUANTIZE,
+    RESIZE_MODES,
     ROUND_MODES,
     RUN_ON,
     RUNTIMES,
@@ -42,6 +44,19 @@ def _shape(text: str) -> list[int]:
         return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 0.5,0.5,0.5, got {text!r}"
+        ) from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 # name -> (argparse keyword arguments). Flags are `--name-with-dashes`; defaults stay None so
@@ -111,12 +126,31 @@ FLAGS: dict[str, dict[str, Any]] = {
     "precision": {"choices": PRECISIONS, "help": "TensorRT precision (default: the profile's)"},
     "trt_cache": {"help": "engine and timing-cache folder on the board, kept between runs"},
     "workspace_mb": {"type": int, "help": "TensorRT builder workspace in MiB"},
+    # image data preprocessing and plan controls
+    "image_size": {"type": _shape, "help": "resize images to H,W (one value: square; default: "
+                   "--input-shape's, else the images' own)"},
+    "channels": {"type": int, "help": "1 (grayscale) or 3 (RGB) (default: --input-shape's, else 3)"},
+    "mean": {"type": _floats, "help": "per-channel mean of pixels in 0..1, e.g. 0.485,0.456,0.406"},
+    "std": {"type": _floats, "help": "per-channel std of pixels in 0..1, e.g. 0.229,0.224,0.225"},
+    "normalize": {"choices": NORMALIZE, "help": "a named mean/std preset instead of --mean/--std"},
+    "resize_mode": {"choices": RESIZE_MODES, "help": "stretch (default), shorter-side (keep "
+                    "aspect, centre crop) or center-crop (no scaling)"},
+    "labels_file": {"help": "class names one per line, in the model's output order (default: the "
+                    "model's class_names attribute, else sorted folder names)"},
+    "ignore_layers": {"type": _names, "help": "layers never pruned: names or shell patterns, "
+                      "comma-separated (e.g. 'stem.*,head')"},
+    "max_layer_ratio": {"type": float, "help": "the largest share of any layer's units removed"},
+    "round_to": {"type": int, "help": "round kept channels to this multiple (instead of the "
+                 "device profile's channel_multiple)"},
+    "opset": {"type": int, "help": "ONNX opset of the exports, 17 to 20 (default 17)"},
 }  # fmt: skip
 
-MODEL = ["model", "weights", "num_classes", "input_shape"]
-DATA = ["data", "seed"]
+MODEL = ["model", "weights", "num_classes", "input_shape", "opset"]
+DATA = ["data", "seed", "image_size", "channels", "mean", "std", "normalize", "resize_mode",
+        "labels_file"]  # fmt: skip
 SCORING = ["samples_per_class", "projections", "where", "cache"]
-PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode"]
+PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode",
+            "round_to", "ignore_layers", "max_layer_ratio"]  # fmt: skip
 GPU = ["provider", "precision", "trt_cache", "workspace_mb"]
 MEASURE = ["device", "run_on", "runs", "warmup", *GPU]
 RECOVERY = ["recover_data", "recover_epochs", "recover_steps", "recover_lr", "recover_optimizer",
@@ -225,6 +259,7 @@ def _model_and_data(opts: Options):
 
 
 def cmd_score(opts: Options, args: argparse.Namespace) -> int:
+    from fair_edge.data_checks import scoring_sample, short_warning
     from fair_edge.deploy import compute_scores
     from fair_edge.stage_cache import StageCache
 
@@ -233,7 +268,12 @@ def cmd_score(opts: Options, args: argparse.Namespace) -> int:
     scores, hit = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))
     out = Path(opts.out) / f"{inp.source.name}.scores.npz"
     scores.save(out)
-    _emit(opts, {"scores": str(out), "cached": hit, "layers": scores.names()},
+    sample = scoring_sample(inp.calibration, opts.samples_per_class, opts.seed)
+    warning = short_warning(sample)
+    if warning:
+        _log(opts)(f"warning: {warning}")
+    _emit(opts, {"scores": str(out), "cached": hit, "layers": scores.names(), "sampling": sample,
+                 "warnings": [warning] if warning else []},
           f"scores of {len(scores.names())} layers -> {out}{' (cached)' if hit else ''}")  # fmt: skip
     return 0
 
@@ -251,7 +291,7 @@ def _plan(opts: Options, inp: Any = None):
         scores = Scores.load(opts.scores)
     else:
         scores = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))[0]
-    proto = export_onnx(model, example_input(inp.calibration), None)
+    proto = export_onnx(model, example_input(inp.calibration), None, opset=opts.opset)
     return inp, proto, make_plan(scores, proto, model, opts, inp.profile)
 
 
@@ -276,7 +316,9 @@ def cmd_prune(opts: Options, args: argparse.Namespace) -> int:
         plan = Plan.load(opts.plan)
         if inp.source.model is not None:
             plan.check_model(inp.source.model)
-            proto = export_onnx(inp.source.model, example_input(inp.calibration), None)
+            proto = export_onnx(
+                inp.source.model, example_input(inp.calibration), None, opset=opts.opset
+            )
         else:
             proto = load_onnx(inp.source.onnx_path)
     else:
@@ -308,7 +350,7 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
     out_dir = Path(opts.out)
     x0 = example_input(inp.calibration)
     onnx_path = out_dir / f"{inp.source.name}.onnx"
-    export_onnx(model, x0, onnx_path)
+    export_onnx(model, x0, onnx_path, opset=opts.opset)
     files: dict[str, Any] = {"onnx": str(onnx_path)}
     calib = calibration_subset(inp.calibration, 256, opts.seed)
     if opts.runtime == "tflite" or (opts.runtime == "auto" and inp.profile.runtime("tflite")):
@@ -395,7 +437,7 @@ def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
     if opts.plan:
         plan = Plan.load(opts.plan)
         plan.check_model(model)
-        proto = export_onnx(model, example_input(inp.calibration), None)
+        proto = export_onnx(model, example_input(inp.calibration), None, opset=opts.opset)
     else:
         inp, proto, plan = _plan(opts, inp)
     plan.method.setdefault("input_shape", [1, *inp.calibration.sample_shape])

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from calibration.data import NORMALIZE_PRESETS, RESIZE_MODES
 from calibration.errors import FairEdgeError
 
 RUNTIMES = ("auto", "onnx", "tflite")
@@ -37,6 +38,7 @@ PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
 }
 PRECISIONS = ("fp32", "fp16", "int8")
+NORMALIZE = tuple(NORMALIZE_PRESETS)
 
 
 class ConfigError(FairEdgeError):
@@ -120,6 +122,33 @@ class Options:
     runs: int = 50
     warmup: int = 5
     cache: bool = True
+    # -- image data preprocessing and plan controls ---------------------------------------------
+    image_size: list[int] | None = None
+    """Resize images (folders, raw arrays) to H,W (one value: square); default: --input-shape's
+    H,W, else the images' own size."""
+    channels: int | None = None
+    """1 (grayscale) or 3 (RGB); default: --input-shape's C, else 3."""
+    mean: list[float] | None = None
+    """Per-channel mean (one value or one per channel) of pixels scaled to 0..1."""
+    std: list[float] | None = None
+    normalize: str | None = None
+    """A named mean/std preset instead of --mean/--std (default: mean 0, std 1)."""
+    resize_mode: str = "stretch"
+    """stretch, shorter-side (keep aspect, centre crop) or center-crop (no scaling)."""
+    labels_file: str | None = None
+    """Class names one per line in the model's output order; default: the model's own
+    `class_names` attribute, else sorted folder names."""
+    ignore_layers: list[str] | None = None
+    """Layers (names or shell patterns, comma-separated) never pruned."""
+    max_layer_ratio: float | None = None
+    """The largest share of any one layer's units a plan may remove."""
+    layer_ratio_caps: dict[str, float] | None = None
+    """Config file only: {pattern: largest share removed} for the layers a pattern matches."""
+    round_to: int | None = None
+    """Round kept channels to this multiple instead of the profile's channel_multiple."""
+    opset: int = 17
+    """ONNX opset of every export (17 to 20)."""
+    # ---------------------------------------------------------------------------------------------
     quiet: bool = False
     json: bool = False
     # -- GPU run settings (TensorRT / CUDA) --
@@ -213,7 +242,57 @@ class Options:
                 f"--input-shape must be positive sizes like 3,224,224, got {self.input_shape}"
             )
         self.validate_gpu()
+        self._validate_data_and_controls()
         return self
+
+    def _validate_data_and_controls(self) -> None:
+        """Image preprocessing and plan-control options (their own block, see the fields)."""
+        if self.image_size is not None and (
+            len(self.image_size) not in (1, 2) or min(self.image_size) < 1
+        ):
+            raise ConfigError(
+                f"--image-size is H,W (or one size for both) in pixels, got {self.image_size}"
+            )
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and len(v) not in (1, 3):
+                raise ConfigError(f"--{name} takes one value or one per channel (3), got {v}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"--std values must be positive, got {self.std}")
+        if self.normalize is not None:
+            if self.normalize not in NORMALIZE:
+                raise ConfigError(
+                    f"--normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
+                )
+            if self.mean is not None or self.std is not None:
+                raise ConfigError("give either --normalize or --mean/--std, not both")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(
+                f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}"
+            )
+        if self.max_layer_ratio is not None and not 0.0 <= self.max_layer_ratio < 1.0:
+            raise ConfigError(
+                f"--max-layer-ratio is the largest share of a layer removed, in [0, 1), got "
+                f"{self.max_layer_ratio}"
+            )
+        for pat, r in (self.layer_ratio_caps or {}).items():
+            if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r < 1.0:
+                raise ConfigError(
+                    f"layer_ratio_caps[{pat!r}] must be a share in [0, 1), e.g. 0.5, got {r!r}"
+                )
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"--round-to must be a channel multiple >= 1, got {self.round_to}")
+        if not 17 <= self.opset <= 20:
+            raise ConfigError(
+                f"--opset must be 17 to 20 (what the TorchScript ONNX exporter writes), got {self.opset}"
+            )
+        if self.rounds > 1 and (self.max_layer_ratio is not None or self.layer_ratio_caps):
+            raise ConfigError(
+                "--max-layer-ratio and layer_ratio_caps apply to one-round plans; drop --rounds "
+                "or the caps"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -260,16 +339,32 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
     elif origin is list:
-        if isinstance(value, list | tuple) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            return [int(v) for v in value]
+        elem = (typing.get_args(hint) or (int,))[0]
+        if elem is str and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(_is(v, elem) for v in value):
+            return [elem(v) for v in value]
+        wanted = f"a list of {elem.__name__}"
+        raise ConfigError(
+            f"option {name!r} from {source} must be {wanted}, got {type(value).__name__} {value!r}"
+        )
     elif origin is dict and isinstance(value, dict):
-        return dict(value)
+        elem = (typing.get_args(hint) or (str, object))[1]
+        if elem is object or all(_is(v, elem) for v in value.values()):
+            return {str(k): (elem(v) if elem is not object else v) for k, v in value.items()}
     wanted = getattr(origin, "__name__", str(origin))
     raise ConfigError(
         f"option {name!r} from {source} must be {wanted}, got {type(value).__name__} {value!r}"
     )
+
+
+def _is(value: Any, kind: type) -> bool:
+    """`value` fits `kind` (ints count as floats; bools as neither)."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
 
 
 def merge(base: Options, values: dict[str, Any], *, source: str) -> Options:

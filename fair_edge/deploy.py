@@ -37,6 +37,7 @@ from exporters.evaluate import model_outputs, top1
 from fair_edge.config import DEFAULT_TOD, Options
 from fair_edge.model_source import ModelSource, resolve_model
 from fair_edge.stage_cache import StageCache, hash_arrays, hash_model
+from pipeline.controls import PlanControls
 from pipeline.plan import Plan
 from pipeline.scores import Scores
 
@@ -96,14 +97,14 @@ def resolve_profile(name: str) -> DeviceProfile:
 
 def resolve_inputs(opts: Options) -> Inputs:
     """Profile first (cheapest to get wrong), then model, then data."""
-    from calibration.loaders import load_data
+    from fair_edge.data_source import load_user_data
 
     profile = resolve_profile(opts.device)
     source = resolve_model(
         opts.model, weights=opts.weights, num_classes=opts.num_classes, progress=show_progress(opts)
     )
     if opts.data is not None:
-        calib = load_data(opts.data)
+        calib = load_user_data(opts.data, opts, source.model)
     elif source.calibration_data is not None:
         calib = source.calibration_data
     else:
@@ -112,7 +113,7 @@ def resolve_inputs(opts: Options) -> Inputs:
             "an IDX file, 'fashion-mnist' or 'digits')"
         )
     if opts.eval_data is not None:
-        evaluation, same = load_data(opts.eval_data), False
+        evaluation, same = load_user_data(opts.eval_data, opts, source.model), False
     elif opts.data is None and source.eval_data is not None:
         evaluation, same = source.eval_data, False
     elif calib.labels is not None and len(calib) >= MIN_SPLIT:
@@ -123,7 +124,8 @@ def resolve_inputs(opts: Options) -> Inputs:
     if opts.input_shape is not None and list(calib.sample_shape) != list(opts.input_shape):
         raise DeployError(
             f"--input-shape {opts.input_shape} does not match the data's samples "
-            f"{list(calib.sample_shape)}; fix the preprocessing (resize/channels) or the shape"
+            f"{list(calib.sample_shape)}; fix the preprocessing (--image-size/--channels, for "
+            "image folders and raw arrays) or the shape"
         )
     if evaluation.sample_shape != calib.sample_shape:
         raise DeployError(
@@ -179,10 +181,17 @@ def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelS
         with torch.no_grad():
             out = model(example_input(cs))
     except Exception as exc:
+        from fair_edge.data_source import first_layer_hint
+
+        hint = first_layer_hint(model)
         raise DeployError(
             f"model {source.spec!r} cannot run on the data's samples of shape "
             f"{list(cs.sample_shape)} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "give data with the model's input shape and preprocessing"
+            + (
+                f"{hint} (or give data with the model's input shape)"
+                if hint
+                else "give data with the model's input shape and preprocessing"
+            )
         ) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise DeployError(
@@ -298,6 +307,16 @@ def compute_scores(
     return Scores.load(folder / "scores.npz"), hit
 
 
+def plan_controls(opts: Options) -> PlanControls:
+    """--ignore-layers, --max-layer-ratio and the config's layer_ratio_caps, for the planner."""
+    return PlanControls.of(opts.ignore_layers, opts.max_layer_ratio, opts.layer_ratio_caps)
+
+
+def channel_multiple(opts: Options, profile: DeviceProfile) -> int:
+    """The multiple kept channel counts are rounded to: --round-to, else the profile's."""
+    return opts.round_to if opts.round_to is not None else profile.channel_multiple
+
+
 def make_plan(
     scores: Scores,
     onnx_model: onnx.ModelProto,
@@ -311,8 +330,13 @@ def make_plan(
     from pipeline.planning import plan, plan_for_budget
 
     groups = find_groups(onnx_model)
+    controls = plan_controls(opts)
+    multiple = channel_multiple(opts, profile)
     if opts.latency_ms is not None:
         from devices.latency_plan import plan_for_latency
+
+        def planner(alpha: float) -> Plan:
+            return plan(scores, alpha, groups=groups, model=model, controls=controls)
 
         found = plan_for_latency(
             scores,
@@ -320,9 +344,10 @@ def make_plan(
             profile,
             opts.latency_ms,
             groups,
-            rounding=opts.round,
+            rounding=multiple if opts.round else False,
             mode=opts.round_mode,
             model=model,
+            planner=planner,
         )
         result = found.plan
         summary = {k: v for k, v in found.to_json().items() if k not in ("plan", "latency_model")}
@@ -336,10 +361,13 @@ def make_plan(
             cost=OnnxCostModel(onnx_model),
             groups=groups,
             model=model,
+            controls=controls,
         )
     else:
-        result = plan(scores, opts.tod or DEFAULT_TOD, groups=groups, model=model)
-    if opts.round and profile.channel_multiple > 1:
+        result = plan(
+            scores, opts.tod or DEFAULT_TOD, groups=groups, model=model, controls=controls
+        )
+    if opts.round and multiple > 1:
         from pipeline.rounding import round_plan
 
         mode = opts.round_mode
@@ -348,11 +376,15 @@ def make_plan(
         result = round_plan(
             result,
             scores,
-            profile.channel_multiple,
+            multiple,
             mode=mode,
             groups=groups,
             cost=OnnxCostModel(onnx_model),
         )
+        result.method["rounding"]["from"] = (
+            "--round-to" if opts.round_to is not None else f"profile {profile.name}"
+        )
+    result.method["export"] = {"opset": opts.opset}
     return result
 
 
@@ -462,7 +494,9 @@ def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> lis
             _fmt(m["accuracy"][1], ".4f"),
         ),
     ]
-    out = [
+    warnings = summary.get("warnings") or []
+    out = [section("Warnings", bullets(warnings, strong=True), cls="warnings")] if warnings else []
+    out += [
         section(
             None,
             para(
@@ -564,6 +598,9 @@ def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> lis
                 cls="variants",
             )
         )
+    data = summary.get("data")
+    if data:
+        out.append(section("Data", bullets(data_lines(data)), cls="data"))
     notes = summary.get("notes") or []
     if notes:
         out.append(section("Notes", bullets([str(n) for n in notes]), cls="notes"))
@@ -627,7 +664,9 @@ def deploy(
         with _stage("export", timings, bar):
             raw_original = work / "original.raw.onnx"
             if model is not None:
-                original_proto = export_onnx(model, example_input(inp.calibration), raw_original)
+                original_proto = export_onnx(
+                    model, example_input(inp.calibration), raw_original, opset=opts.opset
+                )
             else:
                 original_proto = load_onnx(source.onnx_path)
                 shutil.copyfile(source.onnx_path, raw_original)
@@ -643,7 +682,8 @@ def deploy(
                 from fair_edge.recovery_stage import prune_in_rounds
 
                 rounds = prune_in_rounds(model, inp.calibration, rec_stage.data(), opts, cache,
-                                         profile.channel_multiple, progress=show_progress(opts))  # fmt: skip
+                                         channel_multiple(opts, profile),
+                                         progress=show_progress(opts))  # fmt: skip
                 the_plan = rounds.plan
             elif opts.max_drop is not None:
                 from fair_edge.accuracy_plan import plan_for_accuracy
@@ -740,6 +780,9 @@ def deploy(
             acc_orig = accuracy_of(original_onnx, inp.evaluation)
             acc_pruned = accuracy_of(pruned_onnx, inp.evaluation)
             acc_stages = {"unpruned": acc_orig, **acc_stages, "shipped (pruned ONNX)": acc_pruned}
+            data_record, warnings = _data_record(opts, inp, acc_orig, scored=scores is not None)
+            for w in warnings:
+                say(f"warning: {w}")
             for v in variants:
                 v["accuracy"] = accuracy_of(variant_files[v["file"]], inp.evaluation)
                 v["accuracy_change_points"] = (
@@ -846,6 +889,8 @@ def deploy(
                 "recovery": recovery,
                 "tradeoff": tradeoff,
                 "notes": notes,
+                "data": data_record,
+                "warnings": warnings,
             }
             for c in comparisons[1:]:
                 if c.original.runtime.get("name") == "tflite":
@@ -920,6 +965,8 @@ def deploy(
                     "layout": inp.calibration.preprocessing.layout,
                 },
                 "preprocessing": inp.calibration.preprocessing.to_json(),
+                "preprocessing_steps": inp.calibration.preprocessing.steps(),
+                "onnx_opset": opts.opset,
                 "labels": list(inp.calibration.class_names),
                 "data": {
                     "calibration": inp.calibration.to_json(),
@@ -976,6 +1023,64 @@ def deploy(
         timings=timings,
         notes=notes,
     )
+
+
+def _data_record(
+    opts: Options, inp: Inputs, acc_orig: float | None, scored: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """Which data every figure came from, and the warnings about it (short classes, chance)."""
+    from fair_edge.data_checks import chance_level, chance_warning, scoring_sample, short_warning
+
+    ev = inp.evaluation
+    record: dict[str, Any] = {
+        "calibration": {"source": inp.calibration.source, "samples": len(inp.calibration),
+                        "labels": inp.calibration.label_source},
+        "scoring": scoring_sample(inp.calibration, opts.samples_per_class, opts.seed)
+        if scored else None,
+        "evaluation": {"source": ev.source, "samples": len(ev), "labels": ev.label_source,
+                       "chance": chance_level(ev), "is_calibration": inp.eval_is_calibration},
+        "preprocessing": inp.calibration.preprocessing.to_json(),
+    }  # fmt: skip
+    warnings = [w for w in (short_warning(record["scoring"]) if scored else None,
+                            chance_warning(acc_orig, ev)) if w]  # fmt: skip
+    if inp.eval_is_calibration and ev.labels is not None:
+        warnings.append(
+            f"accuracy is measured on the {len(ev)} calibration samples themselves (too few to hold "
+            f"{MIN_SPLIT // 5} out): give --eval-data, or more labelled data"
+        )
+    return record, warnings
+
+
+def data_lines(data: dict[str, Any]) -> list[str]:
+    """The report's Data section: what each figure was measured on."""
+    cal, ev, sc, pre = (
+        data["calibration"],
+        data["evaluation"],
+        data["scoring"],
+        data["preprocessing"],
+    )
+    lines = [
+        f"calibration data: {cal['source']}, {cal['samples']} samples (labels: {cal['labels']})"
+    ]
+    if sc is not None:
+        short = f"; short classes: {', '.join(f'{k}={v}' for k, v in sc['short'].items())}" if sc[
+            "short"] else ""  # fmt: skip
+        lines.append(
+            f"scoring used {sc['samples']} of them ({sc['per_class']} per class asked, labels: "
+            f"{sc['labels']}){short}"
+        )
+    chance = "n/a" if ev["chance"] is None else format(ev["chance"], ".4f")
+    lines.append(
+        f"every top-1 figure: {ev['source']}, {ev['samples']} samples (labels: {ev['labels']}; "
+        f"chance {chance})"
+    )
+    size = "x".join(map(str, pre["resize"])) if pre.get("resize") else "as stored"
+    lines.append(
+        f"preprocessing (also in manifest.json): size {size} ({pre.get('resize_mode', 'stretch')}), "
+        f"channels {pre.get('channels') or 'as stored'}, scale {pre['scale']:.6g}, mean "
+        f"{pre['mean']}, std {pre['std']}, layout {pre['layout']}"
+    )
+    return lines
 
 
 def _input_name(path: Path) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from pipeline.controls import PlanControls
 from pipeline.cost import CostModel, ScoresCostModel
 from pipeline.groups import ChannelGroup
 from pipeline.plan import LayerPlan, ModelFingerprint, Plan, PlanError
@@ -33,12 +34,14 @@ class _Target:
     group: str | None
     order: np.ndarray  # low-U order
     curve: np.ndarray  # ToD(k), k = 1..n
+    max_k: int | None = None  # a cap from PlanControls
 
     def count(self, alpha: float, scale: float = 1.0) -> int:
         """The ToD count at alpha, times `scale` (rounded down) for budgets below ToD's floor."""
         if self.curve.shape[0] <= 1:
             return 0
         k = count_from_curve(self.curve, alpha)
+        k = k if self.max_k is None else min(k, self.max_k)
         return k if scale >= 1.0 else math.floor(scale * k + 1e-9)
 
 
@@ -63,10 +66,12 @@ def _check_model(scores: Scores, model: nn.Module | None) -> None:
 
 
 def _targets(
-    scores: Scores, groups: list[ChannelGroup] | None
+    scores: Scores, groups: list[ChannelGroup] | None, controls: PlanControls | None = None
 ) -> tuple[list[_Target], dict[str, str]]:
-    """ToD problems, plus {layer: why not pruned} for layers kept whole."""
-    held: dict[str, str] = {}
+    """ToD problems (with their caps), plus {layer: why not pruned} for layers kept whole."""
+    controls = controls or PlanControls()
+    units = {n: ls.n_units for n, ls in scores.layers.items()}
+    held, caps = controls.resolve(units, [*scores.graph, *scores.output_layers])
     grouped: dict[str, ChannelGroup] = {}
     live: list[ChannelGroup] = []
     for g in groups or []:
@@ -114,11 +119,16 @@ def _targets(
             grouped[m] = g
         u = np.sum([scores.layers[m].U for m in g.members], axis=0)
         r = np.sum([scores.layers[m].R for m in g.members], axis=0)
-        targets.append(_Target(g.name, list(g.members), g.name, low_u_order(u), tod_curve(u, r)))
+        cap = min((caps[m] for m in g.members if m in caps), default=None)
+        targets.append(
+            _Target(g.name, list(g.members), g.name, low_u_order(u), tod_curve(u, r), cap)
+        )
     for name, ls in scores.layers.items():
         if name in held or name in grouped:
             continue
-        targets.append(_Target(name, [name], None, low_u_order(ls.U), tod_curve(ls.U, ls.R)))
+        targets.append(
+            _Target(name, [name], None, low_u_order(ls.U), tod_curve(ls.U, ls.R), caps.get(name))
+        )
     return targets, held
 
 
@@ -130,6 +140,7 @@ def _build(
     groups: list[ChannelGroup] | None,
     extra: dict[str, Any] | None = None,
     scale: float = 1.0,
+    controls: PlanControls | None = None,
 ) -> Plan:
     layers: dict[str, LayerPlan] = {}
     for t in targets:
@@ -157,6 +168,12 @@ def _build(
         "mode": scores.mode,
         "held": {m: why for m, why in held.items() if m in scores.layers},
     }
+    if controls is not None and not controls.empty:
+        method["controls"] = {
+            **controls.to_json(),
+            "ignored": sorted(m for m, why in held.items() if why.startswith("ignored")),
+            "max_pruned": {m: t.max_k for t in targets if t.max_k is not None for m in t.members},
+        }
     method.update(extra or {})
     return Plan(
         fingerprint=scores.fingerprint, layers=ordered, method=method, groups=list(groups or [])
@@ -168,12 +185,14 @@ def plan(
     alpha: float,
     groups: list[ChannelGroup] | None = None,
     model: nn.Module | None = None,
+    controls: PlanControls | None = None,
 ) -> Plan:
-    """The FAIR plan at level alpha: per layer (or group) remove D_k, k from the ToD rule."""
+    """The FAIR plan at level alpha: per layer (or group) remove D_k, k from the ToD rule
+    (capped, or not at all for ignored layers, by `controls`)."""
     a = _check_alpha(alpha)
     _check_model(scores, model)
-    targets, held = _targets(scores, groups)
-    return _build(scores, targets, held, a, groups)
+    targets, held = _targets(scores, groups, controls)
+    return _build(scores, targets, held, a, groups, controls=controls)
 
 
 def alpha_breakpoints(targets: list[_Target]) -> np.ndarray:
@@ -198,6 +217,7 @@ def plan_for_budget(
     model: nn.Module | None = None,
     strict: bool = True,
     max_alpha: float = 0.5,
+    controls: PlanControls | None = None,
 ) -> Plan:
     """The plan with the smallest alpha that removes at least `target` of the metric.
 
@@ -220,7 +240,7 @@ def plan_for_budget(
         raise PlanError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
     _check_model(scores, model)
     cost = cost if cost is not None else ScoresCostModel(scores)
-    targets, held = _targets(scores, groups)
+    targets, held = _targets(scores, groups, controls)
     top_alpha = _check_alpha(max_alpha)
     alphas = alpha_breakpoints(targets)
     alphas = alphas[alphas <= top_alpha]
@@ -228,7 +248,7 @@ def plan_for_budget(
         raise PlanError("no layer can be pruned by the ToD rule (all layers are one unit or held)")
 
     def removed(a: float) -> tuple[Plan, float]:
-        p = _build(scores, targets, held, float(a), groups)
+        p = _build(scores, targets, held, float(a), groups, controls=controls)
         return p, 1.0 - float(cost.remaining(p)[metric])
 
     top_plan, top = removed(alphas[-1])
@@ -243,7 +263,8 @@ def plan_for_budget(
         return top_plan
     floor = removed(alphas[0])[1]
     if floor > t:
-        return _below_floor(scores, targets, held, float(alphas[0]), groups, cost, metric, t, floor)
+        return _below_floor(scores, targets, held, float(alphas[0]), groups, cost, metric, t,
+                            floor, controls=controls)  # fmt: skip
     lo, hi = 0, alphas.size - 1  # removed(alphas[hi]) >= t
     while lo < hi:
         mid = (lo + hi) // 2
@@ -273,6 +294,7 @@ def _below_floor(
     metric: str,
     target: float,
     floor: float,
+    controls: PlanControls | None = None,
 ) -> Plan:
     """Light pruning: the target is below what the smallest ToD level removes.
 
@@ -284,7 +306,7 @@ def _below_floor(
     """
 
     def removed(s: float) -> tuple[Plan, float]:
-        p = _build(scores, targets, held, alpha, groups, scale=s)
+        p = _build(scores, targets, held, alpha, groups, scale=s, controls=controls)
         return p, 1.0 - float(cost.remaining(p)[metric])
 
     scales = scale_breakpoints(targets, alpha)

@@ -14,7 +14,9 @@ Allowed kept counts for a layer of n units and multiple m are the multiples of m
 n itself (the layer untouched: its original shape, whatever n is). So a layer never empties, a
 layer with n <= m is kept whole, and a layer whose n is not a multiple of m either keeps a
 multiple of m or all n units (rounding up past the last multiple restores the full layer).
-Frozen groups and layers with no pruned units and n kept are left as they are.
+Frozen groups and layers with no pruned units and n kept are left as they are. A layer capped by
+the plan's controls (`method['controls']['max_pruned']`, see pipeline.controls) is never rounded
+below the kept count its cap allows: rounding goes up from there instead.
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ def round_plan(
     multiple = int(multiple)
     out = copy.deepcopy(plan)
     changed = 0
+    controls = out.method.get("controls")
+    max_pruned = dict(controls.get("max_pruned") or {}) if isinstance(controls, Mapping) else {}
     for members, frozen in _units(out, groups):
         lps: list[LayerPlan] = [out.layers[m] for m in members]
         n = lps[0].n_units
@@ -178,6 +182,9 @@ def round_plan(
             if lp.unrounded_pruned is None:
                 lp.unrounded_pruned = len(lp.pruned)
         target = rounded_count(kept, n, multiple, mode)
+        caps = [int(max_pruned[m]) for m in members if m in max_pruned]
+        if caps and n - target > min(caps):
+            target = rounded_count(n - min(caps), n, multiple, "up")
         if target == kept:
             continue
         new_pruned = _moved(lps[0].pruned, u, target)

@@ -1,40 +1,20 @@
 """Named model builders: torchvision classification models and pretrained EfficientNet-Lite0.
 
 Only torchvision's classification definitions are used. On CPU-only torch builds, importing
-torchvision fails because its compiled detection ops are missing, so the two op schemas it
-registers at import are defined first (detection ops are never called here).
+torchvision fails because its compiled detection ops are missing;
+`calibration.torchvision_import` defines the two op schemas it needs (detection ops are never
+called here).
 """
 
 from __future__ import annotations
-
-import functools
-from typing import Any
 
 import torch
 from torch import nn
 
 from calibration.errors import FairEdgeError
+from calibration.torchvision_import import import_torchvision
 
-
-def import_torchvision() -> Any:
-    """Import torchvision, defining its missing detection-op schemas if this torch build lacks them."""
-    try:
-        import torchvision
-    except RuntimeError as exc:
-        if "torchvision::nms" not in str(exc):
-            raise
-        _define_detection_op_schemas()
-        import torchvision
-    return torchvision
-
-
-@functools.cache
-def _define_detection_op_schemas() -> torch.library.Library:
-    """Define the schemas once; the cached Library keeps them registered for the process."""
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    return lib
+__all__ = ["efficientnet_lite0", "import_torchvision", "torchvision_model"]
 
 
 def torchvision_model(name: str, num_classes: int = 1000) -> nn.Module:
