@@ -22,6 +22,7 @@ import onnx
 
 from exporters.graph_groups import (
     BROADCAST_OPS,
+    MIXING_KINDS,
     POOL_OPS,
     REDUCE_OPS,
     UNARY_OPS,
@@ -208,7 +209,7 @@ class OnnxCostModel:
                 continue
             rin = root[info.in_desc.ids] if info.in_desc is not None else None
             rout = root[info.out_desc.ids] if info.out_desc is not None else None
-            mixing = info.kind in ("conv", "convT", "gemm", "matmul")
+            mixing = info.kind in MIXING_KINDS
             terms.append(
                 (
                     rin if mixing else None,

@@ -140,7 +140,7 @@ _FOLDABLE = frozenset(
         "Shape",
     ]
 )
-MIXING_KINDS = frozenset({"conv", "convT", "gemm", "matmul"})
+MIXING_KINDS = frozenset({"conv", "convT", "gemm", "matmul", "grouped"})
 
 
 @dataclass
@@ -160,6 +160,29 @@ class SliceParam:
     input_idx: int
     axis: int
     desc: ChanDesc
+
+
+@dataclass
+class GroupedWeight:
+    """A grouped convolution whose per-group input and output channels are both pruned: its
+    weight [cout, cin/g, ...] keeps, for each conv group k, the kept outputs of group k against
+    the kept inputs of group k (different positions per group, the same count)."""
+
+    node_idx: int
+    in_desc: ChanDesc
+    out_desc: ChanDesc
+    groups: int
+
+
+def grouped_weight(w: np.ndarray, keep_in: np.ndarray, keep_out: np.ndarray, g: int) -> np.ndarray:
+    """The pruned weight of a grouped convolution (see GroupedWeight); counts must be uniform."""
+    cpo, cpi = w.shape[0] // g, w.shape[1]
+    blocks = []
+    for k in range(g):
+        rows = np.flatnonzero(keep_out[k * cpo : (k + 1) * cpo]) + k * cpo
+        cols = np.flatnonzero(keep_in[k * cpi : (k + 1) * cpi])
+        blocks.append(w[rows][:, cols])
+    return np.concatenate(blocks, axis=0)
 
 
 @dataclass
@@ -189,6 +212,7 @@ class GroupInfo:
     group: ChannelGroup
     roots: np.ndarray
     member_maps: dict[str, np.ndarray]
+    segments: list[np.ndarray] | None = None
 
 
 class _UnionFind:
@@ -332,6 +356,8 @@ class ChannelGraph:
         self.descs: dict[str, ChanDesc] = {}
         self.slices: list[SliceParam] = []
         self.group_attrs: list[tuple[int, ChanDesc]] = []
+        self.grouped_weights: list[GroupedWeight] = []
+        self._segmented: list[tuple[np.ndarray, int, str]] = []
         self.split_sizes: list[tuple[int, list[ChanDesc], int]] = []
         self.slice_bounds: list[tuple[int, int, ChanDesc, int, int]] = []
         self.reshapes: list[tuple[int, int, ChanDesc]] = []
@@ -572,11 +598,24 @@ class ChannelGraph:
                 )
         else:
             kind = "grouped"
-            self.freeze(d, f"feeds grouped {node.op_type} {node.name!r} (groups={g})")
-            self.freeze(
-                outd,
-                f"output of grouped {node.op_type} {node.name!r} (groups={g}): channels are tied group-wise",
-            )
+            if transpose or d is None or cin // g < 2 or cout // g < 2:
+                why = (
+                    "a transposed grouped convolution"
+                    if transpose
+                    else "its input channels are not tracked"
+                    if d is None
+                    else "a conv group holds a single channel (pruning one removes the group)"
+                )
+                self.freeze(d, f"feeds grouped {node.op_type} {node.name!r} (groups={g}): {why}")
+                self.freeze(
+                    outd, f"output of grouped {node.op_type} {node.name!r} (groups={g}): {why}"
+                )
+            else:
+                self._segmented.append((d.ids, g, node.name))
+                self._segmented.append((outd.ids, g, node.name))
+                self.grouped_weights.append(GroupedWeight(idx, d, outd, g))
+                if bias:
+                    self._slice(idx, 2, 0, outd)
         if kind != "grouped":
             self._slice(idx, 1, out_axis, outd)
             if bias:
@@ -1065,7 +1104,51 @@ class ChannelGraph:
         for ks in comps.values():
             members = [prods[k] for k in ks]
             self.groups.append(self._make_group(members))
+        self._segment_groups()
         self.member_of = {m: gi for gi in self.groups for m in gi.member_maps}
+
+    def _segment_groups(self) -> None:
+        """Record each grouped convolution's conv groups on the channel groups it reads and
+        writes: a plan must remove the same number of channels from every conv group."""
+        where: dict[int, tuple[GroupInfo, int]] = {}
+        for gi in self.groups:
+            for k, r in enumerate(gi.roots.tolist()):
+                where[r] = (gi, k)
+
+        def hold(gi: GroupInfo, reason: str) -> None:
+            if not gi.group.frozen:
+                gi.group.frozen, gi.group.reason = True, reason
+            gi.segments = None
+            gi.group.extra.pop("conv_groups", None)
+
+        for ids, g, name in self._segmented:
+            roots = self.root[ids].tolist()
+            owners = {id(where[r][0]): where[r][0] for r in roots if r in where}
+            if (
+                len(owners) != 1
+                or len(roots) != len(set(roots))
+                or any(r not in where for r in roots)
+            ):
+                for gi in owners.values():
+                    hold(gi, f"grouped Conv {name!r} (groups={g}) reads or writes channels of "
+                             "several groups or repeated channels")  # fmt: skip
+                continue
+            gi = next(iter(owners.values()))
+            if gi.group.frozen:
+                continue
+            pos = np.array([where[r][1] for r in roots], dtype=np.int64).reshape(g, -1)
+            if len(roots) != gi.group.n_channels:
+                hold(gi, f"grouped Conv {name!r} (groups={g}) sees part of a channel group")
+                continue
+            segs = [np.sort(row) for row in pos]
+            if gi.segments is not None:
+                same = {tuple(x.tolist()) for x in gi.segments} == {tuple(x.tolist()) for x in segs}
+                if not same:
+                    hold(gi, f"grouped Conv {name!r} (groups={g}) splits the channels into conv "
+                             "groups other than another grouped conv of the same channel group")  # fmt: skip
+                continue
+            gi.segments = segs
+            gi.group.extra["conv_groups"] = [x.tolist() for x in segs]
 
     def _make_group(self, members: list[Producer]) -> GroupInfo:
         first = members[0]
@@ -1148,6 +1231,14 @@ class ChannelGraph:
                 raise PlanError(
                     f"plan removes every channel of group {gi.group.name!r}; at least one must stay"
                 )
+            if gi.segments is not None:
+                counts = [len(gch.intersection(seg.tolist())) for seg in gi.segments]
+                if len(set(counts)) != 1:
+                    raise PlanError(
+                        f"plan removes {min(counts)} to {max(counts)} channels per conv group from "
+                        f"layer {name!r}, but its grouped convolution needs the same count from "
+                        f"each of its {len(counts)} conv groups; re-plan with the model's groups"
+                    )
             pruned[gi.roots[sorted(gch)]] = True
         return pruned
 

@@ -34,7 +34,14 @@ def random_plan(
             k = g.n_channels - min(kept, g.n_channels)
         if k <= 0:
             continue
-        chans = rng.choice(g.n_channels, size=k, replace=False)
+        segs = g.extra.get("conv_groups")
+        if segs:  # the same count from every conv group of a grouped convolution
+            per = min(int(round(k / len(segs))), len(segs[0]) - 1)
+            if per <= 0:
+                continue
+            chans = np.concatenate([rng.choice(seg, size=per, replace=False) for seg in segs])
+        else:
+            chans = rng.choice(g.n_channels, size=k, replace=False)
         maps = g.extra.get("index_maps", {})
         for m in g.members:
             mp = np.asarray(maps.get(m, np.arange(g.n_channels)))
