@@ -33,11 +33,34 @@ class _Target:
     group: str | None
     order: np.ndarray  # low-U order
     curve: np.ndarray  # ToD(k), k = 1..n
+    segments: list[np.ndarray] | None = None  # conv groups of a grouped convolution
 
     def count(self, alpha: float) -> int:
         if self.curve.shape[0] <= 1:
             return 0
         return count_from_curve(self.curve, alpha)
+
+    def pruned(self, alpha: float) -> list[int]:
+        """The k lowest-U units; with conv groups, round(k / groups) lowest-U of each group."""
+        k = self.count(alpha)
+        if self.segments is None:
+            return sorted(int(i) for i in self.order[:k])
+        return segment_pick(self.order, self.segments, k)
+
+
+def segment_pick(order: np.ndarray, segments: list[np.ndarray], k: int) -> list[int]:
+    """About k units in all, the same number from every segment, each the segment's first in
+    `order` (a grouped convolution keeps its group count only when every group loses as many)."""
+    per = min(int(round(k / len(segments))), min(len(s) for s in segments) - 1)
+    if per <= 0:
+        return []
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    out: list[int] = []
+    for seg in segments:
+        seg = np.asarray(seg, dtype=np.int64)
+        out += seg[np.argsort(rank[seg], kind="stable")[:per]].tolist()
+    return sorted(out)
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -112,7 +135,17 @@ def _targets(
             grouped[m] = g
         u = np.sum([scores.layers[m].U for m in g.members], axis=0)
         r = np.sum([scores.layers[m].R for m in g.members], axis=0)
-        targets.append(_Target(g.name, list(g.members), g.name, low_u_order(u), tod_curve(u, r)))
+        segs = g.extra.get("conv_groups")
+        targets.append(
+            _Target(
+                g.name,
+                list(g.members),
+                g.name,
+                low_u_order(u),
+                tod_curve(u, r),
+                [np.asarray(x, dtype=np.int64) for x in segs] if segs else None,
+            )
+        )
     for name, ls in scores.layers.items():
         if name in held or name in grouped:
             continue
@@ -130,8 +163,7 @@ def _build(
 ) -> Plan:
     layers: dict[str, LayerPlan] = {}
     for t in targets:
-        k = t.count(alpha)
-        pruned = sorted(int(i) for i in t.order[:k])
+        pruned = t.pruned(alpha)
         for m in t.members:
             layers[m] = LayerPlan(
                 name=m, n_units=scores.layers[m].n_units, pruned=list(pruned), group=t.group

@@ -20,6 +20,7 @@ Frozen groups and layers with no pruned units and n kept are left as they are.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
@@ -109,16 +110,36 @@ def _moved(pruned: list[int], u: np.ndarray, target_kept: int) -> list[int]:
     return sorted(pruned_set | set(ranked[: target_pruned - len(pruned)]))
 
 
-def _units(plan: Plan, groups: list[ChannelGroup] | None) -> list[tuple[list[str], bool]]:
-    """Rounding units: (member layer names, frozen) for each group with members in the plan,
-    then each remaining layer on its own."""
-    units: list[tuple[list[str], bool]] = []
+def _moved_by_segment(
+    pruned: list[int], u: np.ndarray, segments: list[list[int]], multiple: int, mode: str
+) -> list[int]:
+    """Rounding for a grouped convolution's channels: every conv group keeps the same count, so
+    the per-group kept count is rounded to a multiple of multiple / gcd(groups, multiple)."""
+    g, size = len(segments), len(segments[0])
+    step = multiple // math.gcd(g, multiple)
+    pruned_set = set(pruned)
+    kept_per = size - len(pruned_set.intersection(segments[0]))
+    target = rounded_count(kept_per, size, step, mode)
+    out: list[int] = []
+    for seg in segments:
+        local = [i for i, c in enumerate(seg) if c in pruned_set]
+        moved = _moved(local, np.asarray(u)[np.asarray(seg)], target)
+        out += [int(seg[i]) for i in moved]
+    return sorted(out)
+
+
+def _units(
+    plan: Plan, groups: list[ChannelGroup] | None
+) -> list[tuple[list[str], bool, list[list[int]] | None]]:
+    """Rounding units: (member layer names, frozen, conv groups) for each group with members
+    in the plan, then each remaining layer on its own."""
+    units: list[tuple[list[str], bool, list[list[int]] | None]] = []
     grouped: set[str] = set()
     by_name = {g.name: g for g in (groups if groups is not None else plan.groups)}
     for g in by_name.values():
         members = [m for m in g.members if m in plan.layers]
         if members:
-            units.append((members, g.frozen))
+            units.append((members, g.frozen, g.extra.get("conv_groups")))
             grouped.update(members)
     # Layers that name a group the caller did not pass still move together.
     tagged: dict[str, list[str]] = {}
@@ -126,9 +147,9 @@ def _units(plan: Plan, groups: list[ChannelGroup] | None) -> list[tuple[list[str
         if name not in grouped and lp.group is not None:
             tagged.setdefault(lp.group, []).append(name)
     for members in tagged.values():
-        units.append((members, False))
+        units.append((members, False, None))
         grouped.update(members)
-    units += [([name], False) for name in plan.layers if name not in grouped]
+    units += [([name], False, None) for name in plan.layers if name not in grouped]
     return units
 
 
@@ -157,7 +178,7 @@ def round_plan(
     multiple = int(multiple)
     out = copy.deepcopy(plan)
     changed = 0
-    for members, frozen in _units(out, groups):
+    for members, frozen, segments in _units(out, groups):
         lps: list[LayerPlan] = [out.layers[m] for m in members]
         n = lps[0].n_units
         if any(lp.n_units != n for lp in lps):
@@ -177,10 +198,15 @@ def round_plan(
         for lp in lps:
             if lp.unrounded_pruned is None:
                 lp.unrounded_pruned = len(lp.pruned)
-        target = rounded_count(kept, n, multiple, mode)
-        if target == kept:
-            continue
-        new_pruned = _moved(lps[0].pruned, u, target)
+        if segments:
+            new_pruned = _moved_by_segment(lps[0].pruned, u, segments, multiple, mode)
+            if sorted(new_pruned) == sorted(lps[0].pruned):
+                continue
+        else:
+            target = rounded_count(kept, n, multiple, mode)
+            if target == kept:
+                continue
+            new_pruned = _moved(lps[0].pruned, u, target)
         for lp in lps:
             lp.pruned = list(new_pruned)
             lp.validate()
