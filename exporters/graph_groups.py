@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from exporters.shape_probe import eval_with_shape, fixed_values
 from pipeline.groups import ChannelGroup
 from pipeline.plan import LayerPlan, Plan, PlanError
 
@@ -186,6 +187,17 @@ def grouped_weight(w: np.ndarray, keep_in: np.ndarray, keep_out: np.ndarray, g: 
 
 
 @dataclass
+class Shuffle:
+    """A channel shuffle (Reshape-Transpose-Reshape) from node `first` to node `last`: output
+    channel j is input channel perm[j]."""
+
+    first: int
+    last: int
+    in_desc: ChanDesc
+    perm: np.ndarray
+
+
+@dataclass
 class Producer:
     """A weight-bearing op whose output channels are units: keyed by its weight initializer."""
 
@@ -322,9 +334,32 @@ def inferred_shapes(model: onnx.ModelProto, strict: bool = False) -> dict[str, l
             shapes[vi.name] = [
                 d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
             ]
+    if not strict and any(None in v[1:] for v in shapes.values()):
+        _fill_symbolic(model, shapes)
     for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
+
+
+def _fill_symbolic(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> None:
+    """Fill dims ONNX inference leaves unknown from ONNX Runtime's symbolic shape inference,
+    which also follows shape arithmetic (Div, Cast) such as a channel shuffle's view sizes."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        done = SymbolicShapeInference.infer_shapes(skeleton(model), auto_merge=True)
+    except Exception:
+        return
+    if done is None:
+        return
+    for vi in done.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        known = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        old = shapes.get(vi.name)
+        if old is None:
+            shapes[vi.name] = known
+        elif len(old) == len(known):
+            shapes[vi.name] = [a if a is not None else b for a, b in zip(old, known, strict=True)]
 
 
 def layer_name_of(weight: str) -> str | None:
@@ -358,6 +393,9 @@ class ChannelGraph:
         self.group_attrs: list[tuple[int, ChanDesc]] = []
         self.grouped_weights: list[GroupedWeight] = []
         self._segmented: list[tuple[np.ndarray, int, str]] = []
+        self._handled: set[int] = set()
+        self.shuffles: list[Shuffle] = []
+        self.computed_slices: list[tuple[int, ChanDesc, int, int]] = []
         self.split_sizes: list[tuple[int, list[ChanDesc], int]] = []
         self.slice_bounds: list[tuple[int, int, ChanDesc, int, int]] = []
         self.reshapes: list[tuple[int, int, ChanDesc]] = []
@@ -472,6 +510,8 @@ class ChannelGraph:
                 self.freeze(ids, f"channels of model input {t.name!r}")
                 self.descs[t.name] = ChanDesc(1, ids)
         for idx, node in enumerate(self.nodes):
+            if idx in self._handled:
+                continue
             try:
                 self._visit(idx, node)
             except Exception as exc:  # an op we misread must freeze, never crash
@@ -794,8 +834,11 @@ class ChannelGraph:
         n = len(d.ids) * d.block
         if len(node.input) > 1 and node.input[1]:
             sizes = self.value(node.input[1])
-            if sizes is None:
-                return self._unknown(node, f"Split {node.name!r} has computed sizes")
+            if sizes is None:  # computed: the inferred output sizes, written as constants
+                outs = [self.shapes.get(o) for o in node.output]
+                if any(o is None or len(o) <= axis or o[axis] is None for o in outs):
+                    return self._unknown(node, f"Split {node.name!r} has computed sizes")
+                sizes = [o[axis] for o in outs]
             sizes = [int(s) for s in sizes]
         elif _attr(node, "split") is not None:
             sizes = [int(s) for s in _attr(node, "split")]
@@ -826,7 +869,7 @@ class ChannelGraph:
         vals = [self.value(n) if n else None for n in ins[1:5]]
         starts, ends = vals[0], vals[1]
         if starts is None or ends is None:
-            return self._unknown(node, f"Slice {node.name!r} has computed bounds")
+            return self._slice_computed(idx, node, d)
         axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
         if len(ins) > 3 and ins[3] and vals[2] is None:
             return self._unknown(node, f"Slice {node.name!r} has computed axes")
@@ -851,6 +894,35 @@ class ChannelGraph:
         e = max(e, s)
         self.descs[node.output[0]] = ChanDesc(d.axis, d.ids[s:e], 1)
         self.slice_bounds.append((idx, pos, d, s, e))
+        return None
+
+    def _slice_computed(self, idx: int, node: onnx.NodeProto, d: ChanDesc) -> None:
+        """x.chunk(2, 1) exported over Shape(x): bounds computed at run time. Their values for
+        the original shape say which channels the slice takes; surgery writes the pruned bounds
+        as constants (the computed ones would split the pruned count, not the kept channels)."""
+        ins = list(node.input)
+        reason = f"Slice {node.name!r} has computed bounds"
+        si = self._channel_shape(ins[0], d)
+        axes = self.value(ins[3]) if len(ins) > 3 and ins[3] else None
+        steps = self.value(ins[4]) if len(ins) > 4 and ins[4] else None
+        if si is None or axes is None or d.block != 1 or np.size(axes) != 1:
+            return self._unknown(node, reason)
+        if int(np.ravel(axes)[0]) % len(si) != d.axis or (
+            steps is not None and int(np.ravel(steps)[0]) != 1
+        ):
+            return self._unknown(node, reason)
+        vals = fixed_values(self, [ins[1], ins[2]], ins[0], si)
+        if vals is None or any(np.size(v) != 1 for v in vals):
+            return self._unknown(node, f"{reason} that depend on more than the channel count")
+        n = len(d.ids)
+        start, end, _ = slice(int(np.ravel(vals[0])[0]), int(np.ravel(vals[1])[0])).indices(n)
+        if end <= start:
+            return self._unknown(node, reason)
+        self.descs[node.output[0]] = ChanDesc(d.axis, d.ids[start:end], 1)
+        so = list(si)
+        so[d.axis] = end - start
+        self.shapes[node.output[0]] = so
+        self.computed_slices.append((idx, d, start, end))
         return None
 
     def _pad(self, idx: int, node: onnx.NodeProto) -> None:
@@ -973,8 +1045,86 @@ class ChannelGraph:
         self.shapes[node.output[0]] = list(si[:a]) + [si[a] * p_in]
         return True
 
+    def _channel_shape(self, name: str, d: ChanDesc) -> list[int | None] | None:
+        """The inferred shape of `name` with its channel extent from the descriptor (shape
+        inference loses it after shapes computed at run time)."""
+        shape = self.shapes.get(name)
+        if shape is None or len(shape) <= d.axis:
+            return None
+        shape = list(shape)
+        shape[d.axis] = len(d.ids) * d.block
+        return shape
+
+    def _consumers(self, name: str) -> list[int]:
+        return [k for k, n in enumerate(self.nodes) if name in n.input]
+
+    def _shuffle(self, idx: int, node: onnx.NodeProto, d: ChanDesc) -> bool:
+        """Channel shuffle: Reshape(x, [n, g, c/g, h, w]) -> Transpose(0, 2, 1, ...) ->
+        Reshape(back to [n, c, h, w]), shapes computed from Shape(x), checked at several
+        channel counts. It is a fixed permutation of the channels, so nothing is tied: surgery
+        replaces it by a Gather of the kept channels in shuffled order."""
+        x = node.input[0]
+        si = self._channel_shape(x, d)
+        if si is None or d.axis != 1 or d.block != 1 or len(si) < 2:
+            return False
+        c = len(d.ids)
+        users = self._consumers(node.output[0])
+        if len(users) != 1 or self.nodes[users[0]].op_type != "Transpose":
+            return False
+        t_idx = users[0]
+        perm = list(_attr(self.nodes[t_idx], "perm") or [])
+        r = len(si) + 1
+        if perm != [0, 2, 1, *range(3, r)]:
+            return False
+        users2 = self._consumers(self.nodes[t_idx].output[0])
+        if len(users2) != 1 or self.nodes[users2[0]].op_type != "Reshape":
+            return False
+        r2_idx = users2[0]
+        back = self.nodes[r2_idx]
+        if self.is_param(node.input[1]) or self.is_param(back.input[1]):
+            return False
+
+        def targets(count: int, fill: int) -> tuple[list[int], list[int]] | None:
+            probe = [fill if v is None else int(v) for v in si]
+            probe[1] = count
+            a = eval_with_shape(self, node.input[1], x, probe)
+            b = eval_with_shape(self, back.input[1], x, probe)
+            if a is None or b is None:
+                return None
+            return [int(v) for v in np.ravel(a)], [int(v) for v in np.ravel(b)]
+
+        first = targets(c, 1)
+        if first is None or len(first[0]) != r or first[0][1] < 2:
+            return False
+        g = first[0][1]
+        if c % g or c // g < 2:
+            return False
+        for count, fill in ((c, 2), (g, 1), (2 * g, 1), (c - g, 1)):
+            got = targets(count, fill)
+            if got is None:
+                return False
+            probe = [fill if v is None else int(v) for v in si]
+            probe[1] = count
+            split, merged = got
+            rest = probe[2:]
+            if split[1:3] != [g, count // g] or split[3:] != rest:
+                return False
+            if merged[1:] != [count, *rest] or split[0] not in (probe[0], -1, 0):
+                return False
+            if merged[0] not in (probe[0], -1, 0):
+                return False
+        # output channel i * g + k is input channel k * (c / g) + i
+        perm = np.arange(c).reshape(g, c // g).T.reshape(-1)
+        self.descs[back.output[0]] = ChanDesc(1, d.ids[perm], 1)
+        self.shapes[back.output[0]] = list(si)
+        self._handled.update({t_idx, r2_idx})
+        self.shuffles.append(Shuffle(idx, r2_idx, d, perm))
+        return True
+
     def _reshape(self, idx: int, node: onnx.NodeProto) -> None:
         d = self.descs.get(node.input[0])
+        if d is not None and self._shuffle(idx, node, d):
+            return None
         if (
             d is not None
             and not self.is_param(node.input[1])
@@ -1124,28 +1274,26 @@ class ChannelGraph:
         for ids, g, name in self._segmented:
             roots = self.root[ids].tolist()
             owners = {id(where[r][0]): where[r][0] for r in roots if r in where}
-            if (
-                len(owners) != 1
-                or len(roots) != len(set(roots))
-                or any(r not in where for r in roots)
-            ):
+            # a channel may repeat inside one part (a shuffle ties parts), never across parts
+            parts = [sorted(set(row)) for row in np.asarray(roots).reshape(g, -1).tolist()]
+            flat = [r for p in parts for r in p]
+            if len(owners) != 1 or len(flat) != len(set(flat)) or any(r not in where for r in flat):
                 for gi in owners.values():
-                    hold(gi, f"grouped Conv {name!r} (groups={g}) reads or writes channels of "
-                             "several groups or repeated channels")  # fmt: skip
+                    hold(gi, f"{name!r} splits channels into {g} parts that share channels or "
+                             "span several groups")  # fmt: skip
                 continue
             gi = next(iter(owners.values()))
             if gi.group.frozen:
                 continue
-            pos = np.array([where[r][1] for r in roots], dtype=np.int64).reshape(g, -1)
-            if len(roots) != gi.group.n_channels:
-                hold(gi, f"grouped Conv {name!r} (groups={g}) sees part of a channel group")
+            if len(flat) != gi.group.n_channels or len({len(p) for p in parts}) != 1:
+                hold(gi, f"{name!r} splits a channel group into {g} unequal parts")
                 continue
-            segs = [np.sort(row) for row in pos]
+            segs = [np.sort([where[r][1] for r in p]) for p in parts]
             if gi.segments is not None:
                 same = {tuple(x.tolist()) for x in gi.segments} == {tuple(x.tolist()) for x in segs}
                 if not same:
-                    hold(gi, f"grouped Conv {name!r} (groups={g}) splits the channels into conv "
-                             "groups other than another grouped conv of the same channel group")  # fmt: skip
+                    hold(gi, f"{name!r} splits the channels into {g} parts other than another "
+                             "grouped conv or split of the same channel group")  # fmt: skip
                 continue
             gi.segments = segs
             gi.group.extra["conv_groups"] = [x.tolist() for x in segs]

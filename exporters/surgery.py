@@ -203,6 +203,25 @@ def build_pruned(graph: ChannelGraph, pruned: np.ndarray) -> onnx.ModelProto:
             arr = np.array(graph.const(graph.nodes[ni].input[k]), copy=True)
             arr[pos] = val
             w.fresh(node, k, arr)
+    for sh in graph.shuffles:
+        keep = graph.kept(sh.in_desc, pruned)
+        if keep.all():
+            continue  # the computed shapes still fit
+        rank = np.cumsum(keep) - 1
+        order = np.array([rank[i] for i in sh.perm if keep[i]], dtype=np.int64)
+        node, first = nodes[sh.last], nodes[sh.first]
+        node.op_type = "Gather"
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("axis", 1))
+        node.input[0] = first.input[0]
+        w.fresh(node, 1, order)
+    for ni, desc, s, e in graph.computed_slices:
+        keep = graph.kept(desc, pruned)
+        ns = int(keep[:s].sum())
+        ne = ns + int(keep[s:e].sum())
+        node = nodes[ni]
+        w.fresh(node, 1, np.array([ns], dtype=np.int64))
+        w.fresh(node, 2, np.array([ne], dtype=np.int64))
     for ni, axis, desc in graph.reshapes:
         node = nodes[ni]
         arr = np.array(graph.const(graph.nodes[ni].input[1]), copy=True)
