@@ -570,6 +570,16 @@ class ChannelGraph:
             self.descs[out] = d
             self.node_info[idx] = NodeInfo("norm", d, d)
             return None
+        if op == "LayerNormalization":
+            r = self._rank(ins[0])
+            first = int(_attr(node, "axis", -1)) % r if r else None
+            if d is not None and first is not None and d.axis >= first:
+                return self._unknown(
+                    node,
+                    f"LayerNorm {node.name!r} normalises over the channels: its mean and variance "
+                    "change when a channel is removed, so pruning them cannot be exact",
+                )
+            return self._unknown(node)
         if op in UNARY_OPS:
             if d is None:
                 return self._unknown(node)

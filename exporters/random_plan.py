@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.groups import ChannelGroup
@@ -36,7 +38,11 @@ def random_plan(
             continue
         segs = g.extra.get("conv_groups")
         if segs:  # the same count from every conv group of a grouped convolution
-            per = min(int(round(k / len(segs))), len(segs[0]) - 1)
+            size = len(segs[0])
+            per = min(int(round(k / len(segs))), size - 1)
+            step = multiple // math.gcd(len(segs), multiple)
+            if step > 1 and size > step:  # total kept a multiple of `multiple`
+                per = size - min(size, max(step, int(round((size - per) / step)) * step))
             if per <= 0:
                 continue
             chans = np.concatenate([rng.choice(seg, size=per, replace=False) for seg in segs])
