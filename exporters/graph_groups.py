@@ -227,6 +227,9 @@ class GroupInfo:
     segments: list[np.ndarray] | None = None
 
 
+_NO_INFO = NodeInfo("", None, None)
+
+
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: list[int] = []
@@ -1328,6 +1331,13 @@ class ChannelGraph:
             maps[name] = np.array([pos[v] for v in roots.tolist()], dtype=np.int64)
         if not uniform:
             reason = "members are coupled with different channel layouts (e.g. an Add of a Concat)"
+            dw = [m for m in members if self.node_info.get(m.node_idx, _NO_INFO).kind == "dwconv"]
+            if dw:
+                reason = (
+                    f"depthwise conv {dw[0].layer or dw[0].weight!r} reads a concatenation of "
+                    "several layers' channels: each would lose a different subset, which a "
+                    "channel group does not describe"
+                )
             maps = {name: np.arange(len(m.ids)) for m, name in zip(members, names, strict=True)}
         else:
             for r in roots.tolist():
