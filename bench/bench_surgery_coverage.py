@@ -45,7 +45,12 @@ _COUNT = (
 def _counts(path: str, checkout: str) -> list[int]:
     env = {**os.environ, "PYTHONPATH": checkout}
     out = subprocess.run(
-        [sys.executable, "-c", _COUNT, path], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _COUNT, path],
+        env=env,
+        cwd=checkout,  # `python -c` puts the working directory first on sys.path
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
