@@ -19,6 +19,7 @@ from exporters.random_plan import random_plan
 from exporters.surgery import apply_plan
 from exporters.torch_prune import prune_torch
 from exporters.verify import GraphWeights, compare_tensors, masked_original, random_inputs
+from pipeline.baselines import plan_from_importance
 from pipeline.plan import LayerPlan, ModelFingerprint, PlanError
 from pipeline.planning import plan as fair_plan
 from pipeline.planning import segment_pick
@@ -150,3 +151,22 @@ def test_regnet_x_grouped_convs_verified():
     _, report = apply_plan(proto, plan, graph=graph)
     assert report.verification["max_abs_diff"] <= report.verification["bound"]
     assert report.flops_after < 0.7 * report.flops_before
+
+
+def test_magnitude_baseline_keeps_conv_groups_uniform(resnext):
+    model, _, proto, graph = resnext
+    groups = graph.channel_groups
+    mods = dict(model.named_modules())
+    importance = {
+        m: mods[m].weight.detach().abs().flatten(1).sum(1).numpy()
+        for g in groups
+        for m in g.members
+    }
+    counts = {m: int(0.3 * len(v)) for m, v in importance.items()}
+    plan = plan_from_importance(importance, counts, ModelFingerprint.from_model(model), groups)
+    for g in groups:
+        segs = g.extra.get("conv_groups")
+        if segs and not g.frozen:
+            lp = plan.layers[g.members[0]]
+            assert lp.pruned and len({len(set(lp.pruned) & set(s)) for s in segs}) == 1
+    apply_plan(proto, plan, graph=graph)
