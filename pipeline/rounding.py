@@ -8,7 +8,10 @@ count of every layer (or coupled group) to a multiple of the device's channel mu
   best of what FAIR removed comes back first);
 - rounding it DOWN prunes the kept units with the lowest U (the next FAIR would have removed);
 - a coupled group ranks its channels by the U summed over its members, as planning does, and
-  every member gets the same pruned channels.
+  every member gets the same pruned channels;
+- the channels of a grouped convolution (ChannelGroup.extra["conv_groups"]) keep the same count
+  in every conv group: that count is rounded to a multiple of m / gcd(groups, m), within each
+  conv group by U.
 
 Allowed kept counts for a layer of n units and multiple m are the multiples of m in [m, n], plus
 n itself (the layer untouched: its original shape, whatever n is). So a layer never empties, a
