@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from exporters.errors import SurgeryError
-from exporters.graph_groups import ChannelGraph
+from exporters.graph_groups import ChannelGraph, grouped_weight
 from exporters.onnx_export import export_onnx
 from exporters.verify import DEFAULT_TOL, GraphWeights, _Runner, masked_original
 from pipeline.plan import Plan, PlanError
@@ -89,6 +89,17 @@ def prune_torch(
             )
         else:
             mod._buffers[attr] = t.clone()
+    for gw in graph.grouped_weights:
+        keep_in, keep_out = graph.kept(gw.in_desc, pruned), graph.kept(gw.out_desc, pruned)
+        if keep_in.all() and keep_out.all():
+            continue
+        name = graph.nodes[gw.node_idx].input[1]
+        mod = new.get_submodule(name.rsplit(".", 1)[0])
+        w = grouped_weight(mod.weight.detach().numpy(), keep_in, keep_out, gw.groups)
+        mod.weight = nn.Parameter(
+            torch.from_numpy(w.copy()), requires_grad=mod.weight.requires_grad
+        )
+        edits.setdefault(name, {})
     for ni, desc in graph.group_attrs:
         weight = graph.nodes[ni].input[1]
         mod = new.get_submodule(weight.rsplit(".", 1)[0])

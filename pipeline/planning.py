@@ -35,6 +35,7 @@ class _Target:
     order: np.ndarray  # low-U order
     curve: np.ndarray  # ToD(k), k = 1..n
     max_k: int | None = None  # a cap from PlanControls
+    segments: list[np.ndarray] | None = None  # conv groups of a grouped convolution
 
     def count(self, alpha: float, scale: float = 1.0) -> int:
         """The ToD count at alpha, times `scale` (rounded down) for budgets below ToD's floor."""
@@ -43,6 +44,33 @@ class _Target:
         k = count_from_curve(self.curve, alpha)
         k = k if self.max_k is None else min(k, self.max_k)
         return k if scale >= 1.0 else math.floor(scale * k + 1e-9)
+
+    def pruned(self, alpha: float, scale: float = 1.0) -> list[int]:
+        """The k lowest-U units; with conv groups, round(k / groups) lowest-U of each group
+        (rounded down where a cap would otherwise be passed)."""
+        k = self.count(alpha, scale)
+        if self.segments is None:
+            return sorted(int(i) for i in self.order[:k])
+        out = segment_pick(self.order, self.segments, k)
+        if self.max_k is not None and len(out) > self.max_k:
+            g = len(self.segments)
+            out = segment_pick(self.order, self.segments, g * (self.max_k // g))
+        return out
+
+
+def segment_pick(order: np.ndarray, segments: list[np.ndarray], k: int) -> list[int]:
+    """About k units in all, the same number from every segment, each the segment's first in
+    `order` (a grouped convolution keeps its group count only when every group loses as many)."""
+    per = min(int(round(k / len(segments))), min(len(s) for s in segments) - 1)
+    if per <= 0:
+        return []
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    out: list[int] = []
+    for seg in segments:
+        seg = np.asarray(seg, dtype=np.int64)
+        out += seg[np.argsort(rank[seg], kind="stable")[:per]].tolist()
+    return sorted(out)
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -120,14 +148,25 @@ def _targets(
         u = np.sum([scores.layers[m].U for m in g.members], axis=0)
         r = np.sum([scores.layers[m].R for m in g.members], axis=0)
         cap = min((caps[m] for m in g.members if m in caps), default=None)
+        segs = g.extra.get("conv_groups")
         targets.append(
-            _Target(g.name, list(g.members), g.name, low_u_order(u), tod_curve(u, r), cap)
+            _Target(
+                g.name,
+                list(g.members),
+                g.name,
+                low_u_order(u),
+                tod_curve(u, r),
+                max_k=cap,
+                segments=[np.asarray(x, dtype=np.int64) for x in segs] if segs else None,
+            )
         )
     for name, ls in scores.layers.items():
         if name in held or name in grouped:
             continue
         targets.append(
-            _Target(name, [name], None, low_u_order(ls.U), tod_curve(ls.U, ls.R), caps.get(name))
+            _Target(
+                name, [name], None, low_u_order(ls.U), tod_curve(ls.U, ls.R), max_k=caps.get(name)
+            )
         )
     return targets, held
 
@@ -144,8 +183,7 @@ def _build(
 ) -> Plan:
     layers: dict[str, LayerPlan] = {}
     for t in targets:
-        k = t.count(alpha, scale)
-        pruned = sorted(int(i) for i in t.order[:k])
+        pruned = t.pruned(alpha, scale)
         for m in t.members:
             layers[m] = LayerPlan(
                 name=m, n_units=scores.layers[m].n_units, pruned=list(pruned), group=t.group
