@@ -839,11 +839,19 @@ class ChannelGraph:
         d = self.descs.get(node.input[0])
         si, so = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
         sizes_given = len(node.input) > 3 and node.input[3]
+        keeps = True
+        if sizes_given and d is not None:  # sizes computed as Concat(Shape(x)[:2], spatial)
+            pieces = self._shape_pieces(node.input[3])
+            keeps = (
+                pieces is not None
+                and len(pieces) > d.axis
+                and pieces[d.axis] == ("dim", node.input[0], d.axis)
+            )
         if (
             d is None
             or si is None
             or so is None
-            or sizes_given
+            or not keeps
             or si[d.axis] != so[d.axis]
             or d.block != 1
         ):
@@ -905,6 +913,18 @@ class ChannelGraph:
             return [src[int(i)] for i in np.atleast_1d(idx)]
         if node.op_type in ("Unsqueeze", "Squeeze", "Identity", "Cast"):
             return self._shape_pieces(node.input[0], depth + 1)
+        if node.op_type == "Slice":  # Shape(x)[a:b], as F.interpolate(size=...) exports it
+            src = self._shape_pieces(node.input[0], depth + 1)
+            bounds = [self.value(i) if i else None for i in list(node.input[1:]) + [""] * 4][:4]
+            starts, ends, axes, steps = bounds
+            if src is None or starts is None or ends is None:
+                return None
+            if (axes is not None and [int(a) for a in np.atleast_1d(axes)] not in ([0], [-1])) or (
+                steps is not None and [int(t) for t in np.atleast_1d(steps)] != [1]
+            ):
+                return None
+            lo, hi = int(np.atleast_1d(starts)[0]), int(np.atleast_1d(ends)[0])
+            return src[slice(lo, hi)]
         if node.op_type == "Concat":
             out: list[Any] = []
             for i in node.input:
