@@ -339,6 +339,7 @@ class ChannelGraph:
         self.node_info: dict[int, NodeInfo] = {}
         self._freezes: list[tuple[np.ndarray, str]] = []
         self._analyse()
+        self.heads = self._output_heads()
         self._finalise()
 
     # ---------------------------------------------------------------- helpers
@@ -786,8 +787,11 @@ class ChannelGraph:
             return self._unknown(node)
         vals = [self.value(n) if n else None for n in ins[1:5]]
         starts, ends = vals[0], vals[1]
-        if starts is None or ends is None:
-            return self._unknown(node, f"Slice {node.name!r} has computed bounds")
+        computed = starts is None or ends is None
+        if computed:  # e.g. torch.chunk: bounds from the runtime channel count
+            starts, ends = self._static_value(ins[1]), self._static_value(ins[2])
+            if starts is None or ends is None:
+                return self._unknown(node, f"Slice {node.name!r} has computed bounds")
         axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
         if len(ins) > 3 and ins[3] and vals[2] is None:
             return self._unknown(node, f"Slice {node.name!r} has computed axes")
@@ -811,8 +815,45 @@ class ChannelGraph:
         s, e, _ = slice(int(starts[pos]), int(ends[pos])).indices(len(d.ids))
         e = max(e, s)
         self.descs[node.output[0]] = ChanDesc(d.axis, d.ids[s:e], 1)
+        if computed:  # the bounds follow the runtime channel count: hold these channels
+            self.freeze(
+                d,
+                f"Slice {node.name!r} takes channels at bounds computed from the channel count "
+                "(torch.chunk/split): pruning would move the split",
+            )
+            return None
         self.slice_bounds.append((idx, pos, d, s, e))
         return None
+
+    def _static_value(self, name: str, depth: int = 0) -> np.ndarray | None:
+        """A tensor computed from constants and statically known dims (Gather of a Shape)."""
+        v = self.value(name)
+        node = self._producer_node.get(name)
+        if v is not None or node is None or depth > 16:
+            return v
+        if node.op_type == "Gather" and int(_attr(node, "axis", 0)) == 0:
+            src = self._producer_node.get(node.input[0])
+            idx = self.value(node.input[1])
+            if src is not None and src.op_type == "Shape" and not src.attribute and idx is not None:
+                shape = self.shapes.get(src.input[0])
+                if shape is None:
+                    return None
+                picks = [shape[int(i)] for i in np.atleast_1d(idx)]
+                if any(p is None for p in picks):
+                    return None
+                return np.array(picks, dtype=np.int64).reshape(np.shape(idx))
+            return None
+        if node.op_type not in ("Add", "Sub", "Mul", "Div", "Unsqueeze", "Concat", "Cast"):
+            return None
+        feeds = {i: self._static_value(i, depth + 1) for i in node.input if i}
+        if any(v is None for v in feeds.values()):
+            return None
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            return np.asarray(ReferenceEvaluator(node).run(None, feeds)[0])
+        except Exception:
+            return None
 
     def _pad(self, idx: int, node: onnx.NodeProto) -> None:
         d = self.descs.get(node.input[0])
@@ -840,6 +881,12 @@ class ChannelGraph:
         si, so = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
         sizes_given = len(node.input) > 3 and node.input[3]
         keeps = True
+        scales = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if not sizes_given and d is not None and si is not None and scales is not None:
+            scales = np.atleast_1d(scales)  # constant scales: the channel scale must be 1
+            if len(scales) == len(si) and float(scales[d.axis]) == 1.0:
+                so = list(so) if so is not None else [None] * len(si)
+                so[d.axis] = si[d.axis]
         if sizes_given and d is not None:  # sizes computed as Concat(Shape(x)[:2], spatial)
             pieces = self._shape_pieces(node.input[3])
             keeps = (
@@ -1059,6 +1106,25 @@ class ChannelGraph:
         self.node_info[idx] = NodeInfo("pool", d, self.descs[node.output[0]])
         return None
 
+    def _output_heads(self) -> dict[int, str]:
+        """Weight-bearing nodes whose output reaches a model output with no other one in between
+        (classifier layers, box/class heads), by node index -> the first such output's name."""
+        stop = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+        heads: dict[int, str] = {}
+        for out in self.model.graph.output:
+            stack, seen = [out.name], set()
+            while stack:
+                name = stack.pop()
+                k = self._producer_idx.get(name)
+                if k is None or k in seen:
+                    continue
+                seen.add(k)
+                if self.nodes[k].op_type in stop:
+                    heads.setdefault(k, out.name)
+                    continue
+                stack.extend(i for i in self.nodes[k].input if i and i not in self.init_names)
+        return heads
+
     # ---------------------------------------------------------------- groups
     def _finalise(self) -> None:
         n = len(self.uf.parent)
@@ -1113,7 +1179,15 @@ class ChannelGraph:
                 if r in self.frozen_reason:
                     reason = self.frozen_reason[r]
                     break
+        head = next((self.heads[m.node_idx] for m in members if m.node_idx in self.heads), None)
+        if reason and head is not None:
+            reason = (
+                f"output head of model output {head!r} (no Conv/Linear in between): its channel "
+                f"count is the output's layout ({reason})"
+            )
         extra: dict[str, Any] = {"ops": [m.op for m in members]}
+        if head is not None:
+            extra["output_head"] = head
         if uniform and any(not np.array_equal(v, np.arange(len(v))) for v in maps.values()):
             extra["index_maps"] = {k: v.tolist() for k, v in maps.items()}
         name = names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
