@@ -16,7 +16,9 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -94,6 +96,13 @@ def output_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
         f"{type(model).__name__} returns {type(out).__name__}, not a tensor or a flat dict/tuple "
         "of tensors; wrap it to return the tensors to deploy"
     )
+
+
+def flat_outputs(out: Any) -> list[np.ndarray]:
+    """A model's outputs as float32 arrays in ONNX output order (a tensor, dict values, tuple)."""
+    items = list(out.values()) if isinstance(out, dict) else out
+    items = items if isinstance(items, (tuple, list)) else [items]
+    return [t.detach().float().cpu().numpy() for t in items]
 
 
 @contextlib.contextmanager
