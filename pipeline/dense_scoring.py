@@ -276,7 +276,6 @@ def score_dense(
                 f"the {'pseudo ' if source == 'pseudo' else ''}label maps hold "
                 f"{len(present)} class(es); U compares classes, give data with at least 2"
             )
-        n_classes = max(present) + 1
         if task == "segmentation":
             with torch.no_grad():
                 k = dense_logits(model(x[:1])).shape[1]
@@ -285,7 +284,10 @@ def score_dense(
                     f"label {max(present)} is out of range for a model with {k} classes; check "
                     "the label maps (255 marks ignored pixels)"
                 )
-            n_classes = k
+        # compact class indices: the pooling's one-hot has one plane per present class only
+        lut = torch.full((max(max(present), IGNORE) + 1,), IGNORE, dtype=torch.long)
+        lut[torch.tensor(present)] = torch.arange(len(present))
+        compact = lut[maps]
         probe = _probe(model, x[:2])
         if not probe.candidates:
             raise ScoringError(
@@ -299,7 +301,16 @@ def score_dense(
             for n in probe.candidates
         }
         r_signed, positions, notes = _pass(
-            model, x, maps, loss_targets, loss_fn, probe, samples, n_classes, batch_size, progress
+            model,
+            x,
+            compact,
+            loss_targets,
+            loss_fn,
+            probe,
+            samples,
+            len(present),
+            batch_size,
+            progress,
         )
     layers: dict[str, LayerScores] = {}
     graph = {k: dict(v) for k, v in probe.graph.items()}
@@ -327,7 +338,7 @@ def score_dense(
             bn=probe.bn.get(name),
             act=probe.act.get(name),
         )
-    counts = torch.bincount(valid, minlength=n_classes)
+    counts = torch.bincount(valid, minlength=max(present) + 1)
     return Scores(
         layers=layers,
         fingerprint=ModelFingerprint.from_model(model),
