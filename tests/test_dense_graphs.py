@@ -111,3 +111,16 @@ def test_unknown_dense_model_is_one_line():
 
     with pytest.raises(FairEdgeError, match="unknown torchvision detection model 'resnet18'"):
         torchvision_dense_model("resnet18", "detection")
+
+
+def test_fasterrcnn_rpn_raw_heads_held_and_backbone_pruned_verified():
+    model = settle_bn(
+        torchvision_dense_model("fasterrcnn_mobilenet_v3_large_fpn", "detection", num_classes=5),
+        (1, 3, 320, 320),
+    )
+    proto, graph, _, report = _prune_30(model, torch.randn(1, 3, 320, 320))
+    assert [o.name for o in proto.graph.output][:2] == ["objectness_0", "objectness_1"]
+    held = {m: g.reason for g in graph.channel_groups if g.frozen for m in g.members}
+    assert set(held) == {"rpn.head.cls_logits", "rpn.head.bbox_pred"}
+    assert held["rpn.head.cls_logits"].startswith("output head of model output 'objectness_0'")
+    _verified(report)
