@@ -395,7 +395,7 @@ class ChannelGraph:
         self.slices: list[SliceParam] = []
         self.group_attrs: list[tuple[int, ChanDesc]] = []
         self.grouped_weights: list[GroupedWeight] = []
-        self._segmented: list[tuple[np.ndarray, int, str]] = []
+        self._segmented: list[tuple[np.ndarray, int, str, bool]] = []  # ids, parts, node, soft
         self._handled: set[int] = set()
         self.shuffles: list[Shuffle] = []
         self.computed_slices: list[tuple[int, ChanDesc, int, int]] = []
@@ -406,6 +406,7 @@ class ChannelGraph:
         self.node_info: dict[int, NodeInfo] = {}
         self._freezes: list[tuple[np.ndarray, str]] = []
         self._analyse()
+        self.heads = self._output_heads()
         self._finalise()
 
     # ---------------------------------------------------------------- helpers
@@ -664,8 +665,8 @@ class ChannelGraph:
                     outd, f"output of grouped {node.op_type} {node.name!r} (groups={g}): {why}"
                 )
             else:
-                self._segmented.append((d.ids, g, node.name))
-                self._segmented.append((outd.ids, g, node.name))
+                self._segmented.append((d.ids, g, node.name, False))
+                self._segmented.append((outd.ids, g, node.name, False))
                 self.grouped_weights.append(GroupedWeight(idx, d, outd, g))
                 if bias:
                     self._slice(idx, 2, 0, outd)
@@ -936,6 +937,11 @@ class ChannelGraph:
         so[d.axis] = end - start
         self.shapes[node.output[0]] = so
         self.computed_slices.append((idx, d, start, end))
+        size = end - start
+        if n % size == 0 and start % size == 0:  # torch.chunk: equal parts, so the pruned
+            # torch module chunks the kept channels at the same places only if every part
+            # loses as many channels (recorded like a grouped conv's groups)
+            self._segmented.append((d.ids, n // size, node.name, True))
         return None
 
     def _pad(self, idx: int, node: onnx.NodeProto) -> None:
@@ -963,11 +969,25 @@ class ChannelGraph:
         d = self.descs.get(node.input[0])
         si, so = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
         sizes_given = len(node.input) > 3 and node.input[3]
+        keeps = True
+        scales = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if not sizes_given and d is not None and si is not None and scales is not None:
+            scales = np.atleast_1d(scales)  # constant scales: the channel scale must be 1
+            if len(scales) == len(si) and float(scales[d.axis]) == 1.0:
+                so = list(so) if so is not None else [None] * len(si)
+                so[d.axis] = si[d.axis]
+        if sizes_given and d is not None:  # sizes computed as Concat(Shape(x)[:2], spatial)
+            pieces = self._shape_pieces(node.input[3])
+            keeps = (
+                pieces is not None
+                and len(pieces) > d.axis
+                and pieces[d.axis] == ("dim", node.input[0], d.axis)
+            )
         if (
             d is None
             or si is None
             or so is None
-            or sizes_given
+            or not keeps
             or si[d.axis] != so[d.axis]
             or d.block != 1
         ):
@@ -1029,6 +1049,18 @@ class ChannelGraph:
             return [src[int(i)] for i in np.atleast_1d(idx)]
         if node.op_type in ("Unsqueeze", "Squeeze", "Identity", "Cast"):
             return self._shape_pieces(node.input[0], depth + 1)
+        if node.op_type == "Slice":  # Shape(x)[a:b], as F.interpolate(size=...) exports it
+            src = self._shape_pieces(node.input[0], depth + 1)
+            bounds = [self.value(i) if i else None for i in list(node.input[1:]) + [""] * 4][:4]
+            starts, ends, axes, steps = bounds
+            if src is None or starts is None or ends is None:
+                return None
+            if (axes is not None and [int(a) for a in np.atleast_1d(axes)] not in ([0], [-1])) or (
+                steps is not None and [int(t) for t in np.atleast_1d(steps)] != [1]
+            ):
+                return None
+            lo, hi = int(np.atleast_1d(starts)[0]), int(np.atleast_1d(ends)[0])
+            return src[slice(lo, hi)]
         if node.op_type == "Concat":
             out: list[Any] = []
             for i in node.input:
@@ -1241,6 +1273,25 @@ class ChannelGraph:
         self.node_info[idx] = NodeInfo("pool", d, self.descs[node.output[0]])
         return None
 
+    def _output_heads(self) -> dict[int, str]:
+        """Weight-bearing nodes whose output reaches a model output with no other one in between
+        (classifier layers, box/class heads), by node index -> the first such output's name."""
+        stop = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+        heads: dict[int, str] = {}
+        for out in self.model.graph.output:
+            stack, seen = [out.name], set()
+            while stack:
+                name = stack.pop()
+                k = self._producer_idx.get(name)
+                if k is None or k in seen:
+                    continue
+                seen.add(k)
+                if self.nodes[k].op_type in stop:
+                    heads.setdefault(k, out.name)
+                    continue
+                stack.extend(i for i in self.nodes[k].input if i and i not in self.init_names)
+        return heads
+
     # ---------------------------------------------------------------- groups
     def _finalise(self) -> None:
         n = len(self.uf.parent)
@@ -1278,13 +1329,17 @@ class ChannelGraph:
             for k, r in enumerate(gi.roots.tolist()):
                 where[r] = (gi, k)
 
-        def hold(gi: GroupInfo, reason: str) -> None:
+        def hold(gi: GroupInfo, reason: str, soft: bool = False) -> None:
+            """Freeze gi; a soft split (torch.chunk, exact in ONNX either way) only drops its
+            equal-count request, leaving the torch-module check to say when it cannot follow."""
+            if soft:
+                return
             if not gi.group.frozen:
                 gi.group.frozen, gi.group.reason = True, reason
             gi.segments = None
             gi.group.extra.pop("conv_groups", None)
 
-        for ids, g, name in self._segmented:
+        for ids, g, name, soft in self._segmented:
             roots = self.root[ids].tolist()
             owners = {id(where[r][0]): where[r][0] for r in roots if r in where}
             # a channel may repeat inside one part (a shuffle ties parts), never across parts
@@ -1293,20 +1348,20 @@ class ChannelGraph:
             if len(owners) != 1 or len(flat) != len(set(flat)) or any(r not in where for r in flat):
                 for gi in owners.values():
                     hold(gi, f"{name!r} splits channels into {g} parts that share channels or "
-                             "span several groups")  # fmt: skip
+                             "span several groups", soft)  # fmt: skip
                 continue
             gi = next(iter(owners.values()))
             if gi.group.frozen:
                 continue
             if len(flat) != gi.group.n_channels or len({len(p) for p in parts}) != 1:
-                hold(gi, f"{name!r} splits a channel group into {g} unequal parts")
+                hold(gi, f"{name!r} splits a channel group into {g} unequal parts", soft)
                 continue
             segs = [np.sort([where[r][1] for r in p]) for p in parts]
             if gi.segments is not None:
                 same = {tuple(x.tolist()) for x in gi.segments} == {tuple(x.tolist()) for x in segs}
                 if not same:
                     hold(gi, f"{name!r} splits the channels into {g} parts other than another "
-                             "grouped conv or split of the same channel group")  # fmt: skip
+                             "grouped conv or split of the same channel group", soft)  # fmt: skip
                 continue
             gi.segments = segs
             gi.group.extra["conv_groups"] = [x.tolist() for x in segs]
@@ -1344,7 +1399,15 @@ class ChannelGraph:
                 if r in self.frozen_reason:
                     reason = self.frozen_reason[r]
                     break
+        head = next((self.heads[m.node_idx] for m in members if m.node_idx in self.heads), None)
+        if reason and head is not None:
+            reason = (
+                f"output head of model output {head!r} (no Conv/Linear in between): its channel "
+                f"count is the output's layout ({reason})"
+            )
         extra: dict[str, Any] = {"ops": [m.op for m in members]}
+        if head is not None:
+            extra["output_head"] = head
         if uniform and any(not np.array_equal(v, np.arange(len(v))) for v in maps.values()):
             extra["index_maps"] = {k: v.tolist() for k, v in maps.items()}
         name = names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"

@@ -113,6 +113,11 @@ FLAGS: dict[str, dict[str, Any]] = {
     "max_drop": {"type": float,
                  "help": "accuracy budget in top-1 points: the plan with the fewest FLOPs within it"},
     "max_drop_tries": {"type": int, "help": "plans tried by the --max-drop search (default 6)"},
+    "task": {"choices": ("classification", "segmentation", "detection"),
+             "help": "what the model outputs: per-sample logits, per-pixel logits (U per "
+                     "position), or raw detection heads (needs --loss)"},
+    "loss": {"help": "module:function or file.py:function (output, targets) -> scalar loss "
+                     "for the R score (default: cross-entropy, per pixel for segmentation)"},
     "out": {"help": "output folder (default dist)"},
     "name": {"help": "bundle name (default <model>-<device>)"},
     "eval_samples": {"type": int, "help": "evaluation samples for accuracy (default 10000)"},
@@ -145,7 +150,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "opset": {"type": int, "help": "ONNX opset of the exports, 17 to 20 (default 17)"},
 }  # fmt: skip
 
-MODEL = ["model", "weights", "num_classes", "input_shape", "opset"]
+MODEL = ["model", "weights", "num_classes", "input_shape", "opset", "task", "loss"]
 DATA = ["data", "seed", "image_size", "channels", "mean", "std", "normalize", "resize_mode",
         "labels_file"]  # fmt: skip
 SCORING = ["samples_per_class", "projections", "where", "cache"]

@@ -28,6 +28,7 @@ ROUND_MODES = ("auto", "up", "nearest", "down")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 AUGMENT = ("shift", "shift+flip", "none")
+TASKS = ("classification", "segmentation", "detection")
 DEFAULT_TOD = 0.05
 # GPU run settings (TensorRT / CUDA); --provider names the execution providers it asks for,
 # preferred first, and a provider it names must be on the board (no silent CPU fallback).
@@ -115,6 +116,12 @@ class Options:
     BatchNorm re-estimation) stays within this many points of the unpruned model, on held-out
     data."""
     max_drop_tries: int = 6
+    task: str = "classification"
+    """classification, segmentation (U per pixel; label maps from the data's 'masks' or the
+    model's own per-pixel argmax) or detection (raw head outputs; needs --loss and box targets)."""
+    loss: str | None = None
+    """`module:function` or `file.py:function` (output, targets) -> scalar loss for R; default:
+    cross-entropy (per pixel for segmentation)."""
     quantize: str = "none"
     out: str = "dist"
     name: str | None = None
@@ -198,6 +205,7 @@ class Options:
             ("recover_optimizer", self.recover_optimizer, OPTIMIZERS),
             ("recover_schedule", self.recover_schedule, SCHEDULES),
             ("recover_augment", self.recover_augment, AUGMENT),
+            ("task", self.task, TASKS),
         ):
             if value not in choices:
                 raise ConfigError(

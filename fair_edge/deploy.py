@@ -10,6 +10,7 @@ device skips the slow stage.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -101,10 +102,16 @@ def resolve_inputs(opts: Options) -> Inputs:
 
     profile = resolve_profile(opts.device)
     source = resolve_model(
-        opts.model, weights=opts.weights, num_classes=opts.num_classes, progress=show_progress(opts)
+        opts.model,
+        weights=opts.weights,
+        num_classes=opts.num_classes,
+        progress=show_progress(opts),
+        task=opts.task,
     )
     if opts.data is not None:
         calib = load_user_data(opts.data, opts, source.model)
+        if opts.task != "classification":  # dense targets are read by compute_scores
+            calib = dataclasses.replace(calib, labels=None, label_source="none", class_names=[])
     elif source.calibration_data is not None:
         calib = source.calibration_data
     else:
@@ -175,7 +182,9 @@ def calibration_subset(cs: CalibrationSet, n: int, seed: int) -> np.ndarray:
     return cs.inputs[idx]
 
 
-def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelSource) -> None:
+def _check_model_runs(
+    model: torch.nn.Module, cs: CalibrationSet, source: ModelSource, opts: Options | None = None
+) -> None:
     """One forward pass on a data sample, so a model/data mismatch is one clear line."""
     try:
         with torch.no_grad():
@@ -193,6 +202,8 @@ def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelS
                 else "give data with the model's input shape and preprocessing"
             )
         ) from exc
+    if opts is not None and opts.task != "classification":
+        return _check_dense(out, cs, source, opts)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise DeployError(
             f"model {source.spec!r} must return N x classes logits, got "
@@ -202,6 +213,31 @@ def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelS
         raise DeployError(
             f"model {source.spec!r} has {out.shape[1]} outputs but the data has {cs.num_classes} "
             "classes; set --num-classes or use matching data"
+        )
+
+
+def _check_dense(out: Any, cs: CalibrationSet, source: ModelSource, opts: Options) -> None:
+    """A dense task's model output and targets, checked before anything is written."""
+    from calibration.dense_targets import load_dense_targets
+    from exporters.onnx_export import output_names
+    from pipeline.dense_scoring import dense_logits
+
+    if opts.task == "segmentation" and opts.loss is None:
+        try:
+            dense_logits(out)
+        except FairEdgeError as exc:
+            raise DeployError(f"model {source.spec!r}: {exc}") from exc
+    output_names(source.model, example_input(cs))  # a flat tensor/dict/tuple, or one line
+    if cs.inputs.ndim != 4:
+        raise DeployError(
+            f"--task {opts.task} needs image inputs N x C x H x W, the data's samples are "
+            f"{list(cs.sample_shape)}"
+        )
+    targets = load_dense_targets(opts.data, opts.task, len(cs), cs.inputs.shape[-2:])
+    if opts.task == "detection" and (opts.loss is None or targets is None):
+        raise DeployError(
+            "--task detection needs --loss module:function (raw head outputs, targets) -> loss "
+            "and box targets in --data (a .npz with 'boxes' N x M x 4 and 'box_labels' N x M)"
         )
 
 
@@ -274,6 +310,8 @@ def compute_scores(
     """FAIR scores of `model` on a seeded, class-balanced calibration draw; cached by content."""
     from pipeline.scoring import score
 
+    if opts.task != "classification":
+        return _dense_scores(model, cs, opts, cache)
     if cs.labels is not None:
         from calibration.sampling import balanced_sample
 
@@ -315,6 +353,67 @@ def plan_controls(opts: Options) -> PlanControls:
 def channel_multiple(opts: Options, profile: DeviceProfile) -> int:
     """The multiple kept channel counts are rounded to: --round-to, else the profile's."""
     return opts.round_to if opts.round_to is not None else profile.channel_multiple
+
+
+DENSE_IMAGES = 32  # images scored for dense tasks (each gives many positions)
+
+
+def _loss_and_key(opts: Options) -> tuple[Callable[..., Any] | None, str | None]:
+    """The --loss function wrapped to fail in one line, and a cache key part for it."""
+    if opts.loss is None:
+        return None, None
+    from fair_edge.model_source import load_loss
+    from pipeline.dense_scoring import checked_loss
+
+    path = Path(opts.loss.rpartition(":")[0])
+    key = opts.loss + (
+        ":" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    )
+    return checked_loss(load_loss(opts.loss), f"--loss {opts.loss!r}"), key
+
+
+def _dense_scores(
+    model: torch.nn.Module, cs: CalibrationSet, opts: Options, cache: StageCache
+) -> tuple[Scores, bool]:
+    """Dense-task scores on a seeded draw of up to DENSE_IMAGES images and their targets."""
+    from calibration.dense_targets import load_dense_targets
+    from pipeline.scoring import score
+
+    targets = load_dense_targets(opts.data, opts.task, len(cs), cs.inputs.shape[-2:])
+    idx = np.sort(np.random.default_rng(opts.seed).permutation(len(cs))[:DENSE_IMAGES])
+    x = cs.inputs[idx]
+    if isinstance(targets, list):
+        t: Any = [targets[i] for i in idx]
+        parts = [a for d in t for a in (d["boxes"], d["labels"])]
+    else:
+        t = None if targets is None else targets[idx]
+        parts = [t]
+    loss, loss_key = _loss_and_key(opts)
+    key = StageCache.key(
+        "scores-dense/1",
+        hash_model(model),
+        hash_arrays(x, *parts),
+        opts.cache_key("samples_per_class", "seed", "where", "task"),
+        loss_key,
+    )
+
+    def run(folder: Path) -> dict[str, Any]:
+        scores = score(
+            model,
+            (torch.from_numpy(np.ascontiguousarray(x)), t),
+            task=opts.task,
+            loss=loss,
+            samples_per_class=opts.samples_per_class,
+            seed=opts.seed,
+            where=opts.where,
+            progress=show_progress(opts),
+            batch_size=8,
+        )
+        scores.save(folder / "scores.npz")
+        return {"layers": len(scores.layers)}
+
+    folder, hit = cache.fetch("scores", key, run)
+    return Scores.load(folder / "scores.npz"), hit
 
 
 def make_plan(
@@ -647,7 +746,7 @@ def deploy(
     source, profile = inp.source, inp.profile
     verify_x = calibration_subset(inp.calibration, VERIFY_SAMPLES, opts.seed)
     if source.model is not None:
-        _check_model_runs(source.model, inp.calibration, source)
+        _check_model_runs(source.model, inp.calibration, source, opts)
     timings["inputs"] = round(time.perf_counter() - t0, 3)
     bar = tqdm(total=len(stages), disable=not show_progress(opts), unit="stage", leave=False)
     with tempfile.TemporaryDirectory(prefix="fair-edge-deploy-") as tmp_name, bar:

@@ -186,6 +186,8 @@ def round_plan(
     controls = out.method.get("controls")
     max_pruned = dict(controls.get("max_pruned") or {}) if isinstance(controls, Mapping) else {}
     for members, frozen, segments in _units(out, groups):
+        if frozen:  # held as they are (members may differ in width, e.g. a residual on a split)
+            continue
         lps: list[LayerPlan] = [out.layers[m] for m in members]
         n = lps[0].n_units
         if any(lp.n_units != n for lp in lps):
@@ -198,8 +200,6 @@ def round_plan(
                 f"layers {', '.join(members)} are one channel group but prune different channels; "
                 "re-plan with the groups"
             )
-        if frozen:
-            continue
         u = sum(_checked_u(scores, m, n) for m in members)
         kept = lps[0].kept
         for lp in lps:

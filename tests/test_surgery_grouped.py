@@ -146,7 +146,8 @@ def test_regnet_x_grouped_convs_verified():
     proto = export_onnx(model, torch.randn(1, 3, 32, 32), None)
     graph = ChannelGraph(proto)
     groups = graph.channel_groups
-    assert [g.reason for g in groups if g.frozen] == ["channels reach the model output 'output'"]
+    held = [g.reason for g in groups if g.frozen]
+    assert len(held) == 1 and "channels reach the model output 'output'" in held[0], held
     plan = random_plan(groups, 0.3, seed=0, fingerprint=ModelFingerprint.from_model(model))
     _, report = apply_plan(proto, plan, graph=graph)
     assert report.verification["max_abs_diff"] <= report.verification["bound"]
