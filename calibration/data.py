@@ -17,6 +17,18 @@ import torch
 from calibration.errors import CalibrationError
 
 LAYOUTS = ("NCHW", "NHWC")
+RESIZE_MODES = ("stretch", "shorter-side", "center-crop")
+"""stretch: resize to (h, w), aspect ratio not kept; shorter-side: scale so the image covers
+(h, w), keeping its aspect ratio, then crop the centre (the usual ImageNet evaluation transform
+with crop ratio 1); center-crop: crop the centre (h, w) without scaling."""
+# Named mean/std presets (per channel, of pixels scaled to 0..1).
+NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "zero-one": ((0.0,), (1.0,)),
+    "minus-one-one": ((0.5,), (0.5,)),
+}
 LABEL_SOURCES = ("given", "pseudo", "none")
 
 
@@ -24,7 +36,7 @@ LABEL_SOURCES = ("given", "pseudo", "none")
 class Preprocessing:
     """How raw images become model inputs: x = ((resize(img) * scale) - mean) / std, in `layout`.
 
-    `resize` is (height, width) or None; `mean`/`std` are per channel (or one value for all);
+    `resize` is (height, width) or None, reached by `resize_mode` (see RESIZE_MODES); `mean`/`std` are per channel (or one value for all);
     `channels` is 1 (grayscale) or 3 (RGB) or None (keep what the images have); `layout` is the
     memory layout of the model's input. Non-image data (N x F arrays) uses only scale/mean/std.
     """
@@ -35,8 +47,13 @@ class Preprocessing:
     scale: float = 1.0
     layout: str = "NCHW"
     channels: int | None = None
+    resize_mode: str = "stretch"
 
     def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise CalibrationError(
+                f"preprocessing resize mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}"
+            )
         if self.layout not in LAYOUTS:
             raise CalibrationError(
                 f"preprocessing layout {self.layout!r} is not one of {', '.join(LAYOUTS)}"
@@ -137,19 +154,42 @@ class Preprocessing:
         return batch
 
     def _resize(self, a: np.ndarray) -> np.ndarray:
-        """Bilinear resize of one H x W x C image to `resize`, per channel in float."""
-        from PIL import Image
-
+        """One H x W x C image to `resize` by `resize_mode` (bilinear, per channel in float)."""
         h, w = self.resize
-        chans = [
-            np.asarray(
-                Image.fromarray(
-                    np.ascontiguousarray(a[:, :, c], dtype=np.float32), mode="F"
-                ).resize((w, h), Image.BILINEAR)
+        ih, iw = a.shape[:2]
+        if self.resize_mode == "stretch":
+            return _bilinear(a, h, w)
+        if self.resize_mode == "shorter-side":
+            s = max(h / ih, w / iw)
+            sh, sw = max(h, round(ih * s)), max(w, round(iw * s))
+            a = _bilinear(a, sh, sw) if (sh, sw) != (ih, iw) else a
+            ih, iw = sh, sw
+        elif ih < h or iw < w:
+            raise CalibrationError(
+                f"an image of {ih}x{iw} is smaller than the {h}x{w} centre crop; use resize mode "
+                "'shorter-side' or 'stretch', or a smaller image size"
             )
-            for c in range(a.shape[2])
-        ]
-        return np.stack(chans, axis=2)
+        top, left = (ih - h) // 2, (iw - w) // 2
+        return a[top : top + h, left : left + w]
+
+    def steps(self) -> list[str]:
+        """The preprocessing as steps a board application can repeat (the manifest carries them)."""
+        chans = {None: "as stored", 1: "grayscale (0.299 R + 0.587 G + 0.114 B)", 3: "RGB"}
+        out = [f"read the image as {chans[self.channels]}, alpha dropped"]
+        if self.resize is not None:
+            h, w = self.resize
+            out.append(
+                {
+                    "stretch": f"resize to {h}x{w} (bilinear, aspect ratio not kept)",
+                    "shorter-side": f"scale (bilinear) to cover {h}x{w} keeping the aspect ratio, "
+                    f"then crop the centre {h}x{w}",
+                    "center-crop": f"crop the centre {h}x{w} (no scaling)",
+                }[self.resize_mode]
+            )
+        out.append(f"x = (pixel * {self.scale:.8g} - mean) / std with mean {list(self.mean)}, "
+                   f"std {list(self.std)} per channel")  # fmt: skip
+        out.append(f"float32 in {self.layout} layout, batch first")
+        return out
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -171,6 +211,21 @@ class Preprocessing:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+def _bilinear(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of one H x W x C image to h x w, per channel in float (PIL mode F)."""
+    from PIL import Image
+
+    chans = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(a[:, :, c], dtype=np.float32), mode="F").resize(
+                (w, h), Image.BILINEAR
+            )
+        )
+        for c in range(a.shape[2])
+    ]
+    return np.stack(chans, axis=2)
 
 
 @dataclasses.dataclass

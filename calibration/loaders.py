@@ -1,7 +1,7 @@
 """Loaders: every supported data source becomes a `CalibrationSet`.
 
 Sources: the Fashion-MNIST Debian package, IDX files (MNIST format), scikit-learn digits, an image
-folder (one sub-folder per class), .npz/.npy arrays (never unpickled) and any torch Dataset.
+folder (one sub-folder per class, or unlabelled images directly in it), .npz/.npy arrays (never unpickled) and any torch Dataset.
 `load_data(spec)` picks the loader from a name or a path.
 """
 
@@ -180,6 +180,30 @@ def _read_image(path: Path) -> np.ndarray:
         raise CalibrationError(f"cannot read image {path}: {exc}") from exc
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def read_labels_file(path: str | os.PathLike) -> list[str]:
+    """Class names, one per line in the model's output order (blank lines and # comments skipped)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise CalibrationError(f"labels file {str(p)!r} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read labels file {str(p)!r}: {exc}") from exc
+    names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if not names:
+        raise CalibrationError(f"labels file {str(p)!r} lists no class; write one name per line")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CalibrationError(f"labels file {str(p)!r} lists {dup[0]!r} twice; one line per class")
+    return names
+
+
 def load_image_folder(
     path: str | os.PathLike,
     size: int | tuple[int, int] | None = None,
@@ -188,22 +212,23 @@ def load_image_folder(
     std: Sequence[float] = (1.0,),
     channels: int | None = 3,
     layout: str = "NCHW",
+    resize_mode: str = "stretch",
     max_per_class: int | None = None,
     preprocessing: Preprocessing | None = None,
+    classes: Sequence[str] | None = None,
 ) -> CalibrationSet:
-    """Images under `path/<class>/*.png|jpg...`; class index = sorted sub-folder name order.
+    """Images under `path/<class>/*.png|jpg...`, or directly under `path` (then unlabelled).
 
-    Pixels are scaled to 0..1, then normalised with `mean`/`std`. `size` (int or (h, w)) resizes;
-    without it all images must share a size. `max_per_class` takes the first files (sorted).
+    Class index = position in `classes` (a labels file or the model's own class list: the
+    model's output order) when given, else sorted sub-folder name order; every sub-folder must be
+    one of `classes`, while classes without a folder are allowed. Pixels are scaled to 0..1, then
+    normalised with `mean`/`std`. `size` (int or (h, w)) resizes by `resize_mode`; without it all
+    images must share a size. `max_per_class` takes the first files (sorted).
     """
     root = Path(path)
     if not root.is_dir():
         raise CalibrationError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise CalibrationError(
-            f"{root} has no class sub-folders; put each class's images in its own folder"
-        )
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if preprocessing is None:
         resize = (size, size) if isinstance(size, int) else size
         preprocessing = Preprocessing(
@@ -213,23 +238,42 @@ def load_image_folder(
             scale=1 / 255,
             layout=layout,
             channels=channels,
+            resize_mode=resize_mode,
+        )
+    names = list(classes) if classes is not None else folders
+    if not folders:
+        files = _image_files(root)
+        if not files:
+            raise CalibrationError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}; put them there, "
+                "or each class's images in its own sub-folder"
+            )
+        images = [_read_image(f) for f in files[:max_per_class]]
+        return CalibrationSet(
+            inputs=preprocessing.apply(images),
+            class_names=names,
+            preprocessing=preprocessing,
+            source=f"folder:{root} (unlabelled)",
+        )
+    unknown = [f for f in folders if f not in names]
+    if unknown:
+        raise CalibrationError(
+            f"class folder {unknown[0]!r} under {root} is not in the class list "
+            f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); rename the folder or "
+            "fix the labels file"
         )
     images: list[np.ndarray] = []
     labels: list[int] = []
     empty = []
-    for ci, name in enumerate(classes):
-        files = sorted(
-            p
-            for p in (root / name).iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+    for name in folders:
+        files = _image_files(root / name)
         if max_per_class is not None:
             files = files[:max_per_class]
         if not files:
             empty.append(name)
         for f in files:
             images.append(_read_image(f))
-            labels.append(ci)
+            labels.append(names.index(name))
     if not images:
         raise CalibrationError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     if empty:
@@ -237,7 +281,7 @@ def load_image_folder(
     return CalibrationSet(
         inputs=preprocessing.apply(images),
         labels=np.asarray(labels, dtype=np.int64),
-        class_names=classes,
+        class_names=names,
         preprocessing=preprocessing,
         source=f"folder:{root}",
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devices.board.runner import PRECISIONS, TRT
 from devices.errors import ProfileError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -37,6 +38,16 @@ class Runtime:
     version: str = ""
     providers: list[str] = field(default_factory=list)
     note: str = ""
+    precision: str = ""
+    """TensorRT precision on this board: fp32, fp16 or int8 (empty: fp32)."""
+    trt_cache: str = ""
+    """Folder on the board for TensorRT engines and timing caches, kept between runs."""
+    workspace_mb: int = 0
+    """TensorRT builder workspace in MiB (0: TensorRT's default)."""
+    trt_version: str = ""
+    """TensorRT release on the board (trtexec flags differ before 8.4)."""
+    trtexec: str = ""
+    """Where trtexec is on the board (empty: not used)."""
 
 
 @dataclass
@@ -94,6 +105,12 @@ class DeviceProfile:
     @property
     def is_host(self) -> bool:
         return self.arch == "native"
+
+    @property
+    def tensorrt(self) -> bool:
+        """Whether the board's ONNX Runtime prefers TensorRT (engines, trtexec, GPU precision)."""
+        ort = self.runtime("onnxruntime")
+        return bool(ort and ort.providers and ort.providers[0] == TRT)
 
     def runtime(self, name: str) -> Runtime | None:
         return next((r for r in self.runtimes if r.name == name), None)
@@ -245,6 +262,10 @@ def _validate(p: DeviceProfile, where: str) -> DeviceProfile:
             )
         if r.name == "onnxruntime" and not r.providers:
             raise bad(f"runtimes[{i}].providers", "must list at least one execution provider")
+        if r.precision not in ("", *PRECISIONS):
+            raise bad(f"runtimes[{i}].precision", f"must be one of {', '.join(PRECISIONS)}")
+        if r.workspace_mb < 0:
+            raise bad(f"runtimes[{i}].workspace_mb", f"must be >= 0, got {r.workspace_mb}")
     for name, fig in (("compute", p.compute), ("bandwidth", p.bandwidth)):
         if fig.value <= 0:
             raise bad(f"{name}.value", f"must be > 0, got {fig.value}")

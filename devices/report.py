@@ -212,7 +212,7 @@ def _rows(c: Comparison) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "tflite": "TFLite"}
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "tflite": "TFLite", "trtexec": "TensorRT trtexec"}
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -233,6 +233,57 @@ def runtime_label(m: Measurement, full: bool = True) -> str:
     providers = ", ".join(rt.get("providers_used") or [])
     text = f"{name} {version}" if version else name
     return f"{text} ({providers})" if providers else text
+
+
+def section_labels(comparisons: list[Comparison], full: bool = True) -> list[str]:
+    """Each comparison's runtime label; where two share one (fp32 and a variant on the same
+    runtime), the pruned file's name and precision tell them apart."""
+    labels = [runtime_label(c.original, full) for c in comparisons]
+    out = []
+    for label, c in zip(labels, comparisons, strict=True):
+        if labels.count(label) > 1:
+            rt = c.pruned.runtime or {}
+            trt = any("Tensorrt" in p for p in rt.get("providers_used") or [])
+            label += f", {c.pruned.model['name']}"
+            label += f" at TensorRT {rt['precision']}" if trt and rt.get("precision") else ""
+        out.append(label)
+    return out
+
+
+def gpu_lines(c: Comparison) -> list[str]:
+    """What the GPU path did: providers asked for and missing, which provider ran each node,
+    TensorRT precision, the engine cache and the first run (where the engine is built)."""
+    lines = []
+    for name, m in (("original", c.original), ("pruned", c.pruned)):
+        rt = m.runtime or {}
+        if rt.get("name") not in ("onnxruntime", "trtexec"):
+            continue
+        parts = []
+        placement = rt.get("placement")
+        if placement:
+            ran = ", ".join(f"{p} {n}" for p, n in sorted(placement["by_provider"].items()))
+            parts.append(f"nodes run by provider: {ran}")
+        if rt.get("providers_missing"):
+            parts.append(f"missing here (fell back): {', '.join(rt['providers_missing'])}")
+        ran_trt = rt.get("name") == "trtexec" or any(
+            "Tensorrt" in p for p in rt.get("providers_used") or []
+        )
+        if ran_trt:
+            parts.append(f"TensorRT precision {rt.get('precision')}")
+        cache = rt.get("engine_cache")
+        if cache:
+            state = "reused" if cache.get("reused") else "built this run"
+            parts.append(f"engine cache {cache['path']} ({state})")
+        if rt.get("first_run_s") is not None:
+            why = ", TensorRT builds or loads its engine here" if ran_trt else ""
+            parts.append(f"first run {rt['first_run_s'] * 1e3:.1f} ms (not in the latency{why})")
+        summary = rt.get("summary") or {}
+        gpu = (summary.get("sections") or {}).get("GPU Compute Time")
+        if gpu:
+            parts.append(f"trtexec GPU compute median {gpu.get('median'):.3f} ms")
+        if parts:
+            lines.append(f"{name}: " + "; ".join(parts))
+    return lines
 
 
 def _where(c: Comparison) -> str:
@@ -286,11 +337,12 @@ def device_sections(
             cls="headlines",
         )
     ]
-    for c in comparisons:
+    for c, label in zip(comparisons, section_labels(comparisons), strict=True):
         a, b = c.original, c.pruned
+        gpu = gpu_lines(c)
         out.append(
             section(
-                f"Latency — {runtime_label(a)}, {_where(c)}",
+                f"Latency — {label}, {_where(c)}",
                 None
                 if a.representative
                 else quote(f"{a.label}: latency here says the model runs, not how fast."),
@@ -300,6 +352,7 @@ def device_sections(
                     f"{a.system.get('machine')}"
                 ),
                 table(["", "original", "pruned", "ratio"], _rows(c), "measurements"),
+                bullets(gpu) if gpu else None,
                 cls="runtime",
             )
         )
@@ -386,12 +439,13 @@ def _plots(comparisons: list[Comparison], folder: Path) -> dict[str, str]:
 
     n = len(comparisons)
     fig, axes = plt.subplots(n, 1, figsize=(7, 2.8 * n), squeeze=False)
-    for ax, c in zip(axes[:, 0], comparisons, strict=True):
+    labels = section_labels(comparisons)
+    for ax, c, label in zip(axes[:, 0], comparisons, labels, strict=True):
         data = [c.original.samples_ms, c.pruned.samples_ms]
         ax.boxplot(data, orientation="horizontal", showfliers=True)
         ax.set_yticks([1, 2], ["original", "pruned"])
         ax.set_xlabel("latency per inference (ms)")
-        title = f"{runtime_label(c.original)} — {c.device}"
+        title = f"{label} — {c.device}"
         if not c.original.representative:
             title += " [not representative]"
         ax.set_title(title, fontsize=9)
@@ -409,8 +463,8 @@ def _plots(comparisons: list[Comparison], folder: Path) -> dict[str, str]:
     ax.set_xticks(
         list(xs),
         [
-            f"{runtime_label(c.original, full=False)}\n{c.original.profile} {c.original.where}"
-            for c in comparisons
+            f"{label}\n{c.original.profile} {c.original.where}"
+            for c, label in zip(comparisons, section_labels(comparisons, False), strict=True)
         ],
         fontsize=8,
     )

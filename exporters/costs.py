@@ -22,6 +22,7 @@ import onnx
 
 from exporters.graph_groups import (
     BROADCAST_OPS,
+    MIXING_KINDS,
     POOL_OPS,
     REDUCE_OPS,
     UNARY_OPS,
@@ -128,6 +129,20 @@ def _node_flops(
     return 0
 
 
+def _shape_math(onnx_model: onnx.ModelProto) -> set[str]:
+    """Nodes that compute only from tensor shapes and integer constants (x.view(n, -1)'s size
+    arithmetic): no model FLOPs, and surgery may replace them by constants."""
+    static = {t.name for t in onnx_model.graph.initializer if t.data_type not in _FLOAT_TYPES}
+    names: set[str] = set()
+    for n in onnx_model.graph.node:
+        if n.op_type in ("Shape", "Size", "Constant") or (
+            n.input and all(i in static for i in n.input if i)
+        ):
+            static.update(n.output)
+            names.add(n.name)
+    return names
+
+
 def count_cost(onnx_model: onnx.ModelProto) -> CostSummary:
     """Per-node parameters and FLOPs of an ONNX model (see the module doc for the conventions)."""
     shapes = inferred_shapes(onnx_model)
@@ -136,6 +151,7 @@ def count_cost(onnx_model: onnx.ModelProto) -> CostSummary:
         is_value = n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
         if is_value and int(np.prod(n.attribute[0].t.dims, dtype=np.int64)) > 1:
             inits.setdefault(n.output[0], n.attribute[0].t)
+    shape_math = _shape_math(onnx_model)
     seen: set[str] = set()
     nodes = []
     # MatMul(x, Transpose(W)) (nn.Linear on 3-D input): W counts as the MatMul's weight
@@ -175,11 +191,8 @@ def count_cost(onnx_model: onnx.ModelProto) -> CostSummary:
             if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
             else None
         )
-        nodes.append(
-            NodeCost(
-                node.name, node.op_type, layer, params, weight, _node_flops(node, shapes, wshape)
-            )
-        )
+        flops = 0 if node.name in shape_math else _node_flops(node, shapes, wshape)
+        nodes.append(NodeCost(node.name, node.op_type, layer, params, weight, flops))
     return CostSummary(nodes)
 
 
@@ -208,7 +221,7 @@ class OnnxCostModel:
                 continue
             rin = root[info.in_desc.ids] if info.in_desc is not None else None
             rout = root[info.out_desc.ids] if info.out_desc is not None else None
-            mixing = info.kind in ("conv", "convT", "gemm", "matmul")
+            mixing = info.kind in MIXING_KINDS
             terms.append(
                 (
                     rin if mixing else None,

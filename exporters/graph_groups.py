@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from exporters.shape_probe import eval_with_shape, fixed_values
 from pipeline.groups import ChannelGroup
 from pipeline.plan import LayerPlan, Plan, PlanError
 
@@ -140,7 +141,7 @@ _FOLDABLE = frozenset(
         "Shape",
     ]
 )
-MIXING_KINDS = frozenset({"conv", "convT", "gemm", "matmul"})
+MIXING_KINDS = frozenset({"conv", "convT", "gemm", "matmul", "grouped"})
 
 
 @dataclass
@@ -160,6 +161,40 @@ class SliceParam:
     input_idx: int
     axis: int
     desc: ChanDesc
+
+
+@dataclass
+class GroupedWeight:
+    """A grouped convolution whose per-group input and output channels are both pruned: its
+    weight [cout, cin/g, ...] keeps, for each conv group k, the kept outputs of group k against
+    the kept inputs of group k (different positions per group, the same count)."""
+
+    node_idx: int
+    in_desc: ChanDesc
+    out_desc: ChanDesc
+    groups: int
+
+
+def grouped_weight(w: np.ndarray, keep_in: np.ndarray, keep_out: np.ndarray, g: int) -> np.ndarray:
+    """The pruned weight of a grouped convolution (see GroupedWeight); counts must be uniform."""
+    cpo, cpi = w.shape[0] // g, w.shape[1]
+    blocks = []
+    for k in range(g):
+        rows = np.flatnonzero(keep_out[k * cpo : (k + 1) * cpo]) + k * cpo
+        cols = np.flatnonzero(keep_in[k * cpi : (k + 1) * cpi])
+        blocks.append(w[rows][:, cols])
+    return np.concatenate(blocks, axis=0)
+
+
+@dataclass
+class Shuffle:
+    """A channel shuffle (Reshape-Transpose-Reshape) from node `first` to node `last`: output
+    channel j is input channel perm[j]."""
+
+    first: int
+    last: int
+    in_desc: ChanDesc
+    perm: np.ndarray
 
 
 @dataclass
@@ -189,6 +224,10 @@ class GroupInfo:
     group: ChannelGroup
     roots: np.ndarray
     member_maps: dict[str, np.ndarray]
+    segments: list[np.ndarray] | None = None
+
+
+_NO_INFO = NodeInfo("", None, None)
 
 
 class _UnionFind:
@@ -298,9 +337,32 @@ def inferred_shapes(model: onnx.ModelProto, strict: bool = False) -> dict[str, l
             shapes[vi.name] = [
                 d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
             ]
+    if not strict and any(None in v[1:] for v in shapes.values()):
+        _fill_symbolic(model, shapes)
     for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
+
+
+def _fill_symbolic(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> None:
+    """Fill dims ONNX inference leaves unknown from ONNX Runtime's symbolic shape inference,
+    which also follows shape arithmetic (Div, Cast) such as a channel shuffle's view sizes."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        done = SymbolicShapeInference.infer_shapes(skeleton(model), auto_merge=True)
+    except Exception:
+        return
+    if done is None:
+        return
+    for vi in done.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        known = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        old = shapes.get(vi.name)
+        if old is None:
+            shapes[vi.name] = known
+        elif len(old) == len(known):
+            shapes[vi.name] = [a if a is not None else b for a, b in zip(old, known, strict=True)]
 
 
 def layer_name_of(weight: str) -> str | None:
@@ -332,6 +394,11 @@ class ChannelGraph:
         self.descs: dict[str, ChanDesc] = {}
         self.slices: list[SliceParam] = []
         self.group_attrs: list[tuple[int, ChanDesc]] = []
+        self.grouped_weights: list[GroupedWeight] = []
+        self._segmented: list[tuple[np.ndarray, int, str, bool]] = []  # ids, parts, node, soft
+        self._handled: set[int] = set()
+        self.shuffles: list[Shuffle] = []
+        self.computed_slices: list[tuple[int, ChanDesc, int, int]] = []
         self.split_sizes: list[tuple[int, list[ChanDesc], int]] = []
         self.slice_bounds: list[tuple[int, int, ChanDesc, int, int]] = []
         self.reshapes: list[tuple[int, int, ChanDesc]] = []
@@ -339,6 +406,7 @@ class ChannelGraph:
         self.node_info: dict[int, NodeInfo] = {}
         self._freezes: list[tuple[np.ndarray, str]] = []
         self._analyse()
+        self.heads = self._output_heads()
         self._finalise()
 
     # ---------------------------------------------------------------- helpers
@@ -446,6 +514,8 @@ class ChannelGraph:
                 self.freeze(ids, f"channels of model input {t.name!r}")
                 self.descs[t.name] = ChanDesc(1, ids)
         for idx, node in enumerate(self.nodes):
+            if idx in self._handled:
+                continue
             try:
                 self._visit(idx, node)
             except Exception as exc:  # an op we misread must freeze, never crash
@@ -504,6 +574,16 @@ class ChannelGraph:
             self.descs[out] = d
             self.node_info[idx] = NodeInfo("norm", d, d)
             return None
+        if op == "LayerNormalization":
+            r = self._rank(ins[0])
+            first = int(_attr(node, "axis", -1)) % r if r else None
+            if d is not None and first is not None and d.axis >= first:
+                return self._unknown(
+                    node,
+                    f"LayerNorm {node.name!r} normalises over the channels: its mean and variance "
+                    "change when a channel is removed, so pruning them cannot be exact",
+                )
+            return self._unknown(node)
         if op in UNARY_OPS:
             if d is None:
                 return self._unknown(node)
@@ -572,11 +652,24 @@ class ChannelGraph:
                 )
         else:
             kind = "grouped"
-            self.freeze(d, f"feeds grouped {node.op_type} {node.name!r} (groups={g})")
-            self.freeze(
-                outd,
-                f"output of grouped {node.op_type} {node.name!r} (groups={g}): channels are tied group-wise",
-            )
+            if transpose or d is None or cin // g < 2 or cout // g < 2:
+                why = (
+                    "a transposed grouped convolution"
+                    if transpose
+                    else "its input channels are not tracked"
+                    if d is None
+                    else "a conv group holds a single channel (pruning one removes the group)"
+                )
+                self.freeze(d, f"feeds grouped {node.op_type} {node.name!r} (groups={g}): {why}")
+                self.freeze(
+                    outd, f"output of grouped {node.op_type} {node.name!r} (groups={g}): {why}"
+                )
+            else:
+                self._segmented.append((d.ids, g, node.name, False))
+                self._segmented.append((outd.ids, g, node.name, False))
+                self.grouped_weights.append(GroupedWeight(idx, d, outd, g))
+                if bias:
+                    self._slice(idx, 2, 0, outd)
         if kind != "grouped":
             self._slice(idx, 1, out_axis, outd)
             if bias:
@@ -755,8 +848,11 @@ class ChannelGraph:
         n = len(d.ids) * d.block
         if len(node.input) > 1 and node.input[1]:
             sizes = self.value(node.input[1])
-            if sizes is None:
-                return self._unknown(node, f"Split {node.name!r} has computed sizes")
+            if sizes is None:  # computed: the inferred output sizes, written as constants
+                outs = [self.shapes.get(o) for o in node.output]
+                if any(o is None or len(o) <= axis or o[axis] is None for o in outs):
+                    return self._unknown(node, f"Split {node.name!r} has computed sizes")
+                sizes = [o[axis] for o in outs]
             sizes = [int(s) for s in sizes]
         elif _attr(node, "split") is not None:
             sizes = [int(s) for s in _attr(node, "split")]
@@ -787,7 +883,7 @@ class ChannelGraph:
         vals = [self.value(n) if n else None for n in ins[1:5]]
         starts, ends = vals[0], vals[1]
         if starts is None or ends is None:
-            return self._unknown(node, f"Slice {node.name!r} has computed bounds")
+            return self._slice_computed(idx, node, d)
         axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
         if len(ins) > 3 and ins[3] and vals[2] is None:
             return self._unknown(node, f"Slice {node.name!r} has computed axes")
@@ -812,6 +908,40 @@ class ChannelGraph:
         e = max(e, s)
         self.descs[node.output[0]] = ChanDesc(d.axis, d.ids[s:e], 1)
         self.slice_bounds.append((idx, pos, d, s, e))
+        return None
+
+    def _slice_computed(self, idx: int, node: onnx.NodeProto, d: ChanDesc) -> None:
+        """x.chunk(2, 1) exported over Shape(x): bounds computed at run time. Their values for
+        the original shape say which channels the slice takes; surgery writes the pruned bounds
+        as constants (the computed ones would split the pruned count, not the kept channels)."""
+        ins = list(node.input)
+        reason = f"Slice {node.name!r} has computed bounds"
+        si = self._channel_shape(ins[0], d)
+        axes = self.value(ins[3]) if len(ins) > 3 and ins[3] else None
+        steps = self.value(ins[4]) if len(ins) > 4 and ins[4] else None
+        if si is None or axes is None or d.block != 1 or np.size(axes) != 1:
+            return self._unknown(node, reason)
+        if int(np.ravel(axes)[0]) % len(si) != d.axis or (
+            steps is not None and int(np.ravel(steps)[0]) != 1
+        ):
+            return self._unknown(node, reason)
+        vals = fixed_values(self, [ins[1], ins[2]], ins[0], si)
+        if vals is None or any(np.size(v) != 1 for v in vals):
+            return self._unknown(node, f"{reason} that depend on more than the channel count")
+        n = len(d.ids)
+        start, end, _ = slice(int(np.ravel(vals[0])[0]), int(np.ravel(vals[1])[0])).indices(n)
+        if end <= start:
+            return self._unknown(node, reason)
+        self.descs[node.output[0]] = ChanDesc(d.axis, d.ids[start:end], 1)
+        so = list(si)
+        so[d.axis] = end - start
+        self.shapes[node.output[0]] = so
+        self.computed_slices.append((idx, d, start, end))
+        size = end - start
+        if n % size == 0 and start % size == 0:  # torch.chunk: equal parts, so the pruned
+            # torch module chunks the kept channels at the same places only if every part
+            # loses as many channels (recorded like a grouped conv's groups)
+            self._segmented.append((d.ids, n // size, node.name, True))
         return None
 
     def _pad(self, idx: int, node: onnx.NodeProto) -> None:
@@ -839,11 +969,25 @@ class ChannelGraph:
         d = self.descs.get(node.input[0])
         si, so = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
         sizes_given = len(node.input) > 3 and node.input[3]
+        keeps = True
+        scales = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if not sizes_given and d is not None and si is not None and scales is not None:
+            scales = np.atleast_1d(scales)  # constant scales: the channel scale must be 1
+            if len(scales) == len(si) and float(scales[d.axis]) == 1.0:
+                so = list(so) if so is not None else [None] * len(si)
+                so[d.axis] = si[d.axis]
+        if sizes_given and d is not None:  # sizes computed as Concat(Shape(x)[:2], spatial)
+            pieces = self._shape_pieces(node.input[3])
+            keeps = (
+                pieces is not None
+                and len(pieces) > d.axis
+                and pieces[d.axis] == ("dim", node.input[0], d.axis)
+            )
         if (
             d is None
             or si is None
             or so is None
-            or sizes_given
+            or not keeps
             or si[d.axis] != so[d.axis]
             or d.block != 1
         ):
@@ -905,6 +1049,18 @@ class ChannelGraph:
             return [src[int(i)] for i in np.atleast_1d(idx)]
         if node.op_type in ("Unsqueeze", "Squeeze", "Identity", "Cast"):
             return self._shape_pieces(node.input[0], depth + 1)
+        if node.op_type == "Slice":  # Shape(x)[a:b], as F.interpolate(size=...) exports it
+            src = self._shape_pieces(node.input[0], depth + 1)
+            bounds = [self.value(i) if i else None for i in list(node.input[1:]) + [""] * 4][:4]
+            starts, ends, axes, steps = bounds
+            if src is None or starts is None or ends is None:
+                return None
+            if (axes is not None and [int(a) for a in np.atleast_1d(axes)] not in ([0], [-1])) or (
+                steps is not None and [int(t) for t in np.atleast_1d(steps)] != [1]
+            ):
+                return None
+            lo, hi = int(np.atleast_1d(starts)[0]), int(np.atleast_1d(ends)[0])
+            return src[slice(lo, hi)]
         if node.op_type == "Concat":
             out: list[Any] = []
             for i in node.input:
@@ -934,8 +1090,86 @@ class ChannelGraph:
         self.shapes[node.output[0]] = list(si[:a]) + [si[a] * p_in]
         return True
 
+    def _channel_shape(self, name: str, d: ChanDesc) -> list[int | None] | None:
+        """The inferred shape of `name` with its channel extent from the descriptor (shape
+        inference loses it after shapes computed at run time)."""
+        shape = self.shapes.get(name)
+        if shape is None or len(shape) <= d.axis:
+            return None
+        shape = list(shape)
+        shape[d.axis] = len(d.ids) * d.block
+        return shape
+
+    def _consumers(self, name: str) -> list[int]:
+        return [k for k, n in enumerate(self.nodes) if name in n.input]
+
+    def _shuffle(self, idx: int, node: onnx.NodeProto, d: ChanDesc) -> bool:
+        """Channel shuffle: Reshape(x, [n, g, c/g, h, w]) -> Transpose(0, 2, 1, ...) ->
+        Reshape(back to [n, c, h, w]), shapes computed from Shape(x), checked at several
+        channel counts. It is a fixed permutation of the channels, so nothing is tied: surgery
+        replaces it by a Gather of the kept channels in shuffled order."""
+        x = node.input[0]
+        si = self._channel_shape(x, d)
+        if si is None or d.axis != 1 or d.block != 1 or len(si) < 2:
+            return False
+        c = len(d.ids)
+        users = self._consumers(node.output[0])
+        if len(users) != 1 or self.nodes[users[0]].op_type != "Transpose":
+            return False
+        t_idx = users[0]
+        perm = list(_attr(self.nodes[t_idx], "perm") or [])
+        r = len(si) + 1
+        if perm != [0, 2, 1, *range(3, r)]:
+            return False
+        users2 = self._consumers(self.nodes[t_idx].output[0])
+        if len(users2) != 1 or self.nodes[users2[0]].op_type != "Reshape":
+            return False
+        r2_idx = users2[0]
+        back = self.nodes[r2_idx]
+        if self.is_param(node.input[1]) or self.is_param(back.input[1]):
+            return False
+
+        def targets(count: int, fill: int) -> tuple[list[int], list[int]] | None:
+            probe = [fill if v is None else int(v) for v in si]
+            probe[1] = count
+            a = eval_with_shape(self, node.input[1], x, probe)
+            b = eval_with_shape(self, back.input[1], x, probe)
+            if a is None or b is None:
+                return None
+            return [int(v) for v in np.ravel(a)], [int(v) for v in np.ravel(b)]
+
+        first = targets(c, 1)
+        if first is None or len(first[0]) != r or first[0][1] < 2:
+            return False
+        g = first[0][1]
+        if c % g or c // g < 2:
+            return False
+        for count, fill in ((c, 2), (g, 1), (2 * g, 1), (c - g, 1)):
+            got = targets(count, fill)
+            if got is None:
+                return False
+            probe = [fill if v is None else int(v) for v in si]
+            probe[1] = count
+            split, merged = got
+            rest = probe[2:]
+            if split[1:3] != [g, count // g] or split[3:] != rest:
+                return False
+            if merged[1:] != [count, *rest] or split[0] not in (probe[0], -1, 0):
+                return False
+            if merged[0] not in (probe[0], -1, 0):
+                return False
+        # output channel i * g + k is input channel k * (c / g) + i
+        perm = np.arange(c).reshape(g, c // g).T.reshape(-1)
+        self.descs[back.output[0]] = ChanDesc(1, d.ids[perm], 1)
+        self.shapes[back.output[0]] = list(si)
+        self._handled.update({t_idx, r2_idx})
+        self.shuffles.append(Shuffle(idx, r2_idx, d, perm))
+        return True
+
     def _reshape(self, idx: int, node: onnx.NodeProto) -> None:
         d = self.descs.get(node.input[0])
+        if d is not None and self._shuffle(idx, node, d):
+            return None
         if (
             d is not None
             and not self.is_param(node.input[1])
@@ -1039,6 +1273,25 @@ class ChannelGraph:
         self.node_info[idx] = NodeInfo("pool", d, self.descs[node.output[0]])
         return None
 
+    def _output_heads(self) -> dict[int, str]:
+        """Weight-bearing nodes whose output reaches a model output with no other one in between
+        (classifier layers, box/class heads), by node index -> the first such output's name."""
+        stop = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+        heads: dict[int, str] = {}
+        for out in self.model.graph.output:
+            stack, seen = [out.name], set()
+            while stack:
+                name = stack.pop()
+                k = self._producer_idx.get(name)
+                if k is None or k in seen:
+                    continue
+                seen.add(k)
+                if self.nodes[k].op_type in stop:
+                    heads.setdefault(k, out.name)
+                    continue
+                stack.extend(i for i in self.nodes[k].input if i and i not in self.init_names)
+        return heads
+
     # ---------------------------------------------------------------- groups
     def _finalise(self) -> None:
         n = len(self.uf.parent)
@@ -1065,7 +1318,53 @@ class ChannelGraph:
         for ks in comps.values():
             members = [prods[k] for k in ks]
             self.groups.append(self._make_group(members))
+        self._segment_groups()
         self.member_of = {m: gi for gi in self.groups for m in gi.member_maps}
+
+    def _segment_groups(self) -> None:
+        """Record each grouped convolution's conv groups on the channel groups it reads and
+        writes: a plan must remove the same number of channels from every conv group."""
+        where: dict[int, tuple[GroupInfo, int]] = {}
+        for gi in self.groups:
+            for k, r in enumerate(gi.roots.tolist()):
+                where[r] = (gi, k)
+
+        def hold(gi: GroupInfo, reason: str, soft: bool = False) -> None:
+            """Freeze gi; a soft split (torch.chunk, exact in ONNX either way) only drops its
+            equal-count request, leaving the torch-module check to say when it cannot follow."""
+            if soft:
+                return
+            if not gi.group.frozen:
+                gi.group.frozen, gi.group.reason = True, reason
+            gi.segments = None
+            gi.group.extra.pop("conv_groups", None)
+
+        for ids, g, name, soft in self._segmented:
+            roots = self.root[ids].tolist()
+            owners = {id(where[r][0]): where[r][0] for r in roots if r in where}
+            # a channel may repeat inside one part (a shuffle ties parts), never across parts
+            parts = [sorted(set(row)) for row in np.asarray(roots).reshape(g, -1).tolist()]
+            flat = [r for p in parts for r in p]
+            if len(owners) != 1 or len(flat) != len(set(flat)) or any(r not in where for r in flat):
+                for gi in owners.values():
+                    hold(gi, f"{name!r} splits channels into {g} parts that share channels or "
+                             "span several groups", soft)  # fmt: skip
+                continue
+            gi = next(iter(owners.values()))
+            if gi.group.frozen:
+                continue
+            if len(flat) != gi.group.n_channels or len({len(p) for p in parts}) != 1:
+                hold(gi, f"{name!r} splits a channel group into {g} unequal parts", soft)
+                continue
+            segs = [np.sort([where[r][1] for r in p]) for p in parts]
+            if gi.segments is not None:
+                same = {tuple(x.tolist()) for x in gi.segments} == {tuple(x.tolist()) for x in segs}
+                if not same:
+                    hold(gi, f"{name!r} splits the channels into {g} parts other than another "
+                             "grouped conv or split of the same channel group", soft)  # fmt: skip
+                continue
+            gi.segments = segs
+            gi.group.extra["conv_groups"] = [x.tolist() for x in segs]
 
     def _make_group(self, members: list[Producer]) -> GroupInfo:
         first = members[0]
@@ -1087,13 +1386,28 @@ class ChannelGraph:
             maps[name] = np.array([pos[v] for v in roots.tolist()], dtype=np.int64)
         if not uniform:
             reason = "members are coupled with different channel layouts (e.g. an Add of a Concat)"
+            dw = [m for m in members if self.node_info.get(m.node_idx, _NO_INFO).kind == "dwconv"]
+            if dw:
+                reason = (
+                    f"depthwise conv {dw[0].layer or dw[0].weight!r} reads a concatenation of "
+                    "several layers' channels: each would lose a different subset, which a "
+                    "channel group does not describe"
+                )
             maps = {name: np.arange(len(m.ids)) for m, name in zip(members, names, strict=True)}
         else:
             for r in roots.tolist():
                 if r in self.frozen_reason:
                     reason = self.frozen_reason[r]
                     break
+        head = next((self.heads[m.node_idx] for m in members if m.node_idx in self.heads), None)
+        if reason and head is not None:
+            reason = (
+                f"output head of model output {head!r} (no Conv/Linear in between): its channel "
+                f"count is the output's layout ({reason})"
+            )
         extra: dict[str, Any] = {"ops": [m.op for m in members]}
+        if head is not None:
+            extra["output_head"] = head
         if uniform and any(not np.array_equal(v, np.arange(len(v))) for v in maps.values()):
             extra["index_maps"] = {k: v.tolist() for k, v in maps.items()}
         name = names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
@@ -1148,6 +1462,14 @@ class ChannelGraph:
                 raise PlanError(
                     f"plan removes every channel of group {gi.group.name!r}; at least one must stay"
                 )
+            if gi.segments is not None:
+                counts = [len(gch.intersection(seg.tolist())) for seg in gi.segments]
+                if len(set(counts)) != 1:
+                    raise PlanError(
+                        f"plan removes {min(counts)} to {max(counts)} channels per conv group from "
+                        f"layer {name!r}, but its grouped convolution needs the same count from "
+                        f"each of its {len(counts)} conv groups; re-plan with the model's groups"
+                    )
             pruned[gi.roots[sorted(gch)]] = True
         return pruned
 

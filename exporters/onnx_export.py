@@ -16,7 +16,9 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -26,6 +28,8 @@ from exporters.errors import ExportError
 from pipeline.plan import ModelFingerprint
 
 _TWO_GB = 2**31 - 1
+MIN_OPSET = 17
+MAX_OPSET = 20  # torch.onnx's TorchScript exporter writes up to opset 20
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -40,12 +44,16 @@ def export_onnx(
     Returns the ModelProto. `path=None` exports in memory only. The user's model is left as it
     was (training flag restored).
     """
-    if opset < 17:
-        raise ExportError(f"opset {opset} is too old; fair-edge exports opset 17 or newer")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"opset {opset} is not supported; fair-edge exports opset {MIN_OPSET} to {MAX_OPSET} "
+            "(the range of torch's TorchScript ONNX exporter that keeps parameter names)"
+        )
     was_training = model.training
     model.eval()
     buf = io.BytesIO()
     try:
+        names = output_names(model, example_input)
         with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -56,8 +64,8 @@ def export_onnx(
                 do_constant_folding=False,
                 opset_version=opset,
                 input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                output_names=names,
+                dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
                 keep_initializers_as_inputs=True,
             )
     except Exception as exc:  # torch raises many types; report them as one clear line
@@ -75,6 +83,31 @@ def export_onnx(
     if path is not None:
         atomic_write_bytes(Path(path), data)
     return proto
+
+
+def output_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """ONNX output names: 'output' for one tensor; dict keys (or output0, output1, ...) for a
+    dict, tuple or list of tensors (segmentation's {'out': ...}, a detector's raw heads)."""
+    with torch.no_grad():
+        out = model(example_input)
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    if isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values()):
+        keys = [str(k) for k in out]
+        return ["output"] if len(keys) == 1 else keys
+    if isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in out):
+        return ["output"] if len(out) == 1 else [f"output{i}" for i in range(len(out))]
+    raise ExportError(
+        f"{type(model).__name__} returns {type(out).__name__}, not a tensor or a flat dict/tuple "
+        "of tensors; wrap it to return the tensors to deploy"
+    )
+
+
+def flat_outputs(out: Any) -> list[np.ndarray]:
+    """A model's outputs as float32 arrays in ONNX output order (a tensor, dict values, tuple)."""
+    items = list(out.values()) if isinstance(out, dict) else out
+    items = items if isinstance(items, (tuple, list)) else [items]
+    return [t.detach().float().cpu().numpy() for t in items]
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 
 int8: ONNX Runtime static quantisation in QDQ form with per-channel weight scales (signed int8
 activations and weights, ORT's recommended CPU format), activation ranges from a
-CalibrationDataReader over the calibration inputs. fp16: weights and activations in half
+CalibrationDataReader over the calibration inputs. `symmetric=True` writes the form TensorRT
+accepts: every zero point 0 (symmetric activations and weights), per-channel weights, float
+biases (TensorRT fuses them; it has no int32 DequantizeLinear). fp16: weights and activations in half
 precision with float32 inputs/outputs kept, for runtimes that have fast fp16 (Jetson GPU).
 The accuracy change is always measured on the written file, never assumed.
 """
@@ -91,14 +93,23 @@ def quantize_int8_onnx(
     *,
     per_channel: bool = True,
     max_samples: int = 256,
+    symmetric: bool = False,
 ) -> Path:
-    """Write an int8 QDQ model calibrated (MinMax) on up to `max_samples` calibration inputs."""
+    """Write an int8 QDQ model calibrated (MinMax) on up to `max_samples` calibration inputs.
+
+    symmetric: zero points 0 everywhere and float biases, for TensorRT (checked on the written
+    model by `require_symmetric`).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model_path, out_path = Path(model_path), Path(out_path)
-    if len(calibration_inputs) == 0:
-        raise ExportError("int8 calibration needs at least one calibration input")
+    if calibration_inputs is None or len(calibration_inputs) == 0:
+        raise ExportError(
+            "int8 quantisation needs calibration data and got none: give --calibration "
+            "(the activation ranges come from it)"
+        )
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
     calib = np.asarray(calibration_inputs[:max_samples], dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="fair-edge-int8-") as tmp:
         pre = Path(tmp, "pre.onnx")
@@ -117,13 +128,56 @@ def quantize_int8_onnx(
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                extra_options=extra if symmetric else {},
             )
+            if symmetric:
+                require_symmetric(onnx.load(os.fspath(out_tmp)), model_path.name)
         except Exception as exc:
             raise ExportError(
                 f"ONNX Runtime int8 quantisation of {model_path.name} failed: {type(exc).__name__}: {exc}"
             ) from exc
         atomic_write_bytes(out_path, out_tmp.read_bytes())
     return out_path
+
+
+def nonzero_zero_points(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """{QuantizeLinear node: its non-zero zero points}; empty when every one is 0.
+
+    A QuantizeLinear without a zero-point input quantises with zero point 0 (ONNX default).
+    """
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    bad: dict[str, list[int]] = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or not node.input[2]:
+            continue
+        if node.input[2] not in consts:
+            raise ExportError(
+                f"QuantizeLinear {node.name}: zero point {node.input[2]} is not a constant; "
+                "TensorRT needs constant zero points"
+            )
+        zp = np.asarray(consts[node.input[2]]).astype(np.int64).ravel()
+        if np.any(zp != 0):
+            bad[node.name or node.output[0]] = sorted({int(v) for v in zp if v != 0})
+    return bad
+
+
+def require_symmetric(model: onnx.ModelProto, name: str) -> None:
+    """Raise ExportError unless every QuantizeLinear has zero point 0 (what TensorRT accepts)."""
+    quants = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    if quants == 0:
+        raise ExportError(f"{name} has no QuantizeLinear node: it is not an int8 QDQ model")
+    bad = nonzero_zero_points(model)
+    if bad:
+        first = next(iter(bad))
+        raise ExportError(
+            f"{name}: {len(bad)} of {quants} QuantizeLinear nodes have non-zero zero points "
+            f"(first {first}: {bad[first]}), which TensorRT rejects; quantise with symmetric=True"
+        )
 
 
 def convert_fp16_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
@@ -171,10 +225,13 @@ def quantize(
     eval_inputs: np.ndarray,
     eval_labels: np.ndarray | None,
     max_samples: int = 256,
+    symmetric: bool = False,
 ) -> QuantizeReport:
     """Write the `kind` ('int8' or 'fp16') variant of an ONNX model and report its accuracy change."""
     if kind == "int8":
-        quantize_int8_onnx(model_path, out_path, calibration_inputs, max_samples=max_samples)
+        quantize_int8_onnx(
+            model_path, out_path, calibration_inputs, max_samples=max_samples, symmetric=symmetric
+        )
         n = min(len(calibration_inputs), max_samples)
     elif kind == "fp16":
         convert_fp16_onnx(model_path, out_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.groups import ChannelGroup
@@ -34,7 +36,18 @@ def random_plan(
             k = g.n_channels - min(kept, g.n_channels)
         if k <= 0:
             continue
-        chans = rng.choice(g.n_channels, size=k, replace=False)
+        segs = g.extra.get("conv_groups")
+        if segs:  # the same count from every conv group of a grouped convolution
+            size = len(segs[0])
+            per = min(int(round(k / len(segs))), size - 1)
+            step = multiple // math.gcd(len(segs), multiple)
+            if step > 1 and size > step:  # total kept a multiple of `multiple`
+                per = size - min(size, max(step, int(round((size - per) / step)) * step))
+            if per <= 0:
+                continue
+            chans = np.concatenate([rng.choice(seg, size=per, replace=False) for seg in segs])
+        else:
+            chans = rng.choice(g.n_channels, size=k, replace=False)
         maps = g.extra.get("index_maps", {})
         for m in g.members:
             mp = np.asarray(maps.get(m, np.arange(g.n_channels)))

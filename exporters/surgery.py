@@ -22,7 +22,12 @@ from onnx import numpy_helper
 from calibration.fileio import atomic_write_bytes
 from exporters.costs import count_cost
 from exporters.errors import SurgeryError
-from exporters.graph_groups import ChannelGraph, copy_without_initializers, skeleton
+from exporters.graph_groups import (
+    ChannelGraph,
+    copy_without_initializers,
+    grouped_weight,
+    skeleton,
+)
 from exporters.onnx_export import check_model, onnx_fingerprint_shapes
 from exporters.surgery_report import LayerRow, SurgeryReport
 from exporters.verify import (
@@ -153,6 +158,16 @@ def build_pruned(graph: ChannelGraph, pruned: np.ndarray) -> onnx.ModelProto:
         else:
             for (ni, ii), _, arr in results:
                 w.fresh(nodes[ni], ii, arr)
+    for gw in graph.grouped_weights:
+        keep_in, keep_out = graph.kept(gw.in_desc, pruned), graph.kept(gw.out_desc, pruned)
+        if keep_in.all() and keep_out.all():
+            continue
+        name = nodes[gw.node_idx].input[1]
+        arr = grouped_weight(graph.const(name), keep_in, keep_out, gw.groups)
+        if w.uses[name] == 1:
+            w.replace(name, arr)
+        else:
+            w.fresh(nodes[gw.node_idx], 1, arr)
     for ni, desc in graph.group_attrs:
         kept = int(graph.kept(desc, pruned).sum())
         for a in nodes[ni].attribute:
@@ -188,6 +203,25 @@ def build_pruned(graph: ChannelGraph, pruned: np.ndarray) -> onnx.ModelProto:
             arr = np.array(graph.const(graph.nodes[ni].input[k]), copy=True)
             arr[pos] = val
             w.fresh(node, k, arr)
+    for sh in graph.shuffles:
+        keep = graph.kept(sh.in_desc, pruned)
+        if keep.all():
+            continue  # the computed shapes still fit
+        rank = np.cumsum(keep) - 1
+        order = np.array([rank[i] for i in sh.perm if keep[i]], dtype=np.int64)
+        node, first = nodes[sh.last], nodes[sh.first]
+        node.op_type = "Gather"
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("axis", 1))
+        node.input[0] = first.input[0]
+        w.fresh(node, 1, order)
+    for ni, desc, s, e in graph.computed_slices:
+        keep = graph.kept(desc, pruned)
+        ns = int(keep[:s].sum())
+        ne = ns + int(keep[s:e].sum())
+        node = nodes[ni]
+        w.fresh(node, 1, np.array([ns], dtype=np.int64))
+        w.fresh(node, 2, np.array([ne], dtype=np.int64))
     for ni, axis, desc in graph.reshapes:
         node = nodes[ni]
         arr = np.array(graph.const(graph.nodes[ni].input[1]), copy=True)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from exporters.errors import SurgeryError
-from exporters.graph_groups import ChannelGraph
-from exporters.onnx_export import export_onnx
+from exporters.graph_groups import ChannelGraph, grouped_weight
+from exporters.onnx_export import export_onnx, flat_outputs
 from exporters.verify import DEFAULT_TOL, GraphWeights, _Runner, masked_original
 from pipeline.plan import Plan, PlanError
 
@@ -89,6 +89,17 @@ def prune_torch(
             )
         else:
             mod._buffers[attr] = t.clone()
+    for gw in graph.grouped_weights:
+        keep_in, keep_out = graph.kept(gw.in_desc, pruned), graph.kept(gw.out_desc, pruned)
+        if keep_in.all() and keep_out.all():
+            continue
+        name = graph.nodes[gw.node_idx].input[1]
+        mod = new.get_submodule(name.rsplit(".", 1)[0])
+        w = grouped_weight(mod.weight.detach().numpy(), keep_in, keep_out, gw.groups)
+        mod.weight = nn.Parameter(
+            torch.from_numpy(w.copy()), requires_grad=mod.weight.requires_grad
+        )
+        edits.setdefault(name, {})
     for ni, desc in graph.group_attrs:
         weight = graph.nodes[ni].input[1]
         mod = new.get_submodule(weight.rsplit(".", 1)[0])
@@ -130,17 +141,22 @@ def _check(
     feed_x = torch.randn(
         (2, *x.shape[1:]), generator=torch.Generator().manual_seed(0), dtype=x.dtype
     )
-    ref = runner.run({input_name: feed_x.numpy()})[0]
+    refs = runner.run({input_name: feed_x.numpy()})
     try:
         with torch.no_grad():
-            out = new(feed_x).numpy()
+            outs = flat_outputs(new(feed_x))
     except Exception as exc:
         raise SurgeryError(
             f"the pruned torch module fails to run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "its code likely hard-codes channel counts"
         ) from exc
-    diff = float(np.max(np.abs(ref - out)))
-    lim = tol * max(1.0, float(np.max(np.abs(ref))))
+    if len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs, strict=False)):
+        raise SurgeryError(
+            "the pruned torch module's outputs do not have the pruned ONNX graph's shapes; "
+            "its code likely hard-codes channel counts"
+        )
+    diff = max(float(np.max(np.abs(r - o))) for r, o in zip(refs, outs, strict=True))
+    lim = tol * max(1.0, max(float(np.max(np.abs(r))) for r in refs))
     if not diff <= lim:
         raise SurgeryError(
             f"the pruned torch module differs from the masked original by {diff:.3g} > {lim:.3g}; "

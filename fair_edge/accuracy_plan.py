@@ -66,7 +66,13 @@ def plan_for_accuracy(
     from exporters.costs import OnnxCostModel
     from exporters.graph_groups import find_groups
     from exporters.torch_prune import prune_torch
-    from fair_edge.deploy import INT8_CALIBRATION, calibration_subset, example_input
+    from fair_edge.deploy import (
+        INT8_CALIBRATION,
+        calibration_subset,
+        channel_multiple,
+        example_input,
+        plan_controls,
+    )
     from fair_edge.recovery_stage import recovery_config, run_recovery
     from pipeline.planning import plan_for_budget
     from pipeline.rounding import round_plan
@@ -93,9 +99,11 @@ def plan_for_accuracy(
         if given is not None:
             p = given
         else:
-            p = plan_for_budget(scores, target, "flops", cost, groups, model, strict=False)
-            if opts.round and profile.channel_multiple > 1:
-                p = round_plan(p, scores, profile.channel_multiple, mode="nearest", groups=groups)
+            p = plan_for_budget(scores, target, "flops", cost, groups, model, strict=False,
+                                controls=plan_controls(opts))  # fmt: skip
+            multiple = channel_multiple(opts, profile)
+            if opts.round and multiple > 1:
+                p = round_plan(p, scores, multiple, mode="nearest", groups=groups)
         removed = 1.0 - float(cost.remaining(p)["flops"])
         seen = next((q for q in points if q["plan"] == p.digest()), None)
         if seen is not None:  # rounding snapped this target onto a plan already tried

@@ -20,8 +20,12 @@ from calibration.errors import FairEdgeError
 from fair_edge.config import (
     AUGMENT,
     METRICS,
+    NORMALIZE,
     OPTIMIZERS,
+    PRECISIONS,
+    PROVIDERS,
     QUANTIZE,
+    RESIZE_MODES,
     ROUND_MODES,
     RUN_ON,
     RUNTIMES,
@@ -40,6 +44,19 @@ def _shape(text: str) -> list[int]:
         return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 0.5,0.5,0.5, got {text!r}"
+        ) from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 # name -> (argparse keyword arguments). Flags are `--name-with-dashes`; defaults stay None so
@@ -97,19 +114,51 @@ FLAGS: dict[str, dict[str, Any]] = {
     "max_drop": {"type": float,
                  "help": "accuracy budget in top-1 points: the plan with the fewest FLOPs within it"},
     "max_drop_tries": {"type": int, "help": "plans tried by the --max-drop search (default 6)"},
+    "task": {"choices": ("classification", "segmentation", "detection"),
+             "help": "what the model outputs: per-sample logits, per-pixel logits (U per "
+                     "position), or raw detection heads (needs --loss)"},
+    "loss": {"help": "module:function or file.py:function (output, targets) -> scalar loss "
+                     "for the R score (default: cross-entropy, per pixel for segmentation)"},
     "out": {"help": "output folder (default dist)"},
     "name": {"help": "bundle name (default <model>-<device>)"},
     "eval_samples": {"type": int, "help": "evaluation samples for accuracy (default 10000)"},
     "runs": {"type": int, "help": "timed runs per model"},
     "warmup": {"type": int, "help": "untimed warm-up runs per model"},
     "cache": {"action": argparse.BooleanOptionalAction, "help": "re-use cached stages (scores)"},
+    # -- GPU run settings (TensorRT / CUDA) --
+    "provider": {"choices": list(PROVIDERS),
+                 "help": "execution providers: auto (the profile's, falling back), or tensorrt, "
+                         "cuda, cpu (must be on the board)"},
+    "precision": {"choices": PRECISIONS, "help": "TensorRT precision (default: the profile's)"},
+    "trt_cache": {"help": "engine and timing-cache folder on the board, kept between runs"},
+    "workspace_mb": {"type": int, "help": "TensorRT builder workspace in MiB"},
+    # image data preprocessing and plan controls
+    "image_size": {"type": _shape, "help": "resize images to H,W (one value: square; default: "
+                   "--input-shape's, else the images' own)"},
+    "channels": {"type": int, "help": "1 (grayscale) or 3 (RGB) (default: --input-shape's, else 3)"},
+    "mean": {"type": _floats, "help": "per-channel mean of pixels in 0..1, e.g. 0.485,0.456,0.406"},
+    "std": {"type": _floats, "help": "per-channel std of pixels in 0..1, e.g. 0.229,0.224,0.225"},
+    "normalize": {"choices": NORMALIZE, "help": "a named mean/std preset instead of --mean/--std"},
+    "resize_mode": {"choices": RESIZE_MODES, "help": "stretch (default), shorter-side (keep "
+                    "aspect, centre crop) or center-crop (no scaling)"},
+    "labels_file": {"help": "class names one per line, in the model's output order (default: the "
+                    "model's class_names attribute, else sorted folder names)"},
+    "ignore_layers": {"type": _names, "help": "layers never pruned: names or shell patterns, "
+                      "comma-separated (e.g. 'stem.*,head')"},
+    "max_layer_ratio": {"type": float, "help": "the largest share of any layer's units removed"},
+    "round_to": {"type": int, "help": "round kept channels to this multiple (instead of the "
+                 "device profile's channel_multiple)"},
+    "opset": {"type": int, "help": "ONNX opset of the exports, 17 to 20 (default 17)"},
 }  # fmt: skip
 
-MODEL = ["model", "weights", "num_classes", "input_shape"]
-DATA = ["data", "seed"]
+MODEL = ["model", "weights", "num_classes", "input_shape", "opset", "task", "loss"]
+DATA = ["data", "seed", "image_size", "channels", "mean", "std", "normalize", "resize_mode",
+        "labels_file"]  # fmt: skip
 SCORING = ["samples_per_class", "projections", "where", "max_memory", "cache"]
-PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode"]
-MEASURE = ["device", "run_on", "runs", "warmup"]
+PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode",
+            "round_to", "ignore_layers", "max_layer_ratio"]  # fmt: skip
+GPU = ["provider", "precision", "trt_cache", "workspace_mb"]
+MEASURE = ["device", "run_on", "runs", "warmup", *GPU]
 RECOVERY = ["recover_data", "recover_epochs", "recover_steps", "recover_lr", "recover_optimizer",
             "recover_batch_size", "recover_schedule", "recover_augment", "recover_patience",
             "recover_heldout", "checkpoint"]  # fmt: skip
@@ -121,13 +170,13 @@ SUBCOMMANDS: dict[str, tuple[str, list[str]]] = {
     "prune": ("apply a plan to the ONNX export (graph surgery, verified, simplified)",
               MODEL + DATA + SCORING + PLANNING + ["plan", "scores", "out"]),
     "export": ("export a model to ONNX (and TFLite / int8 / fp16)",
-               MODEL + DATA + ["runtime", "quantize", "out"]),
+               MODEL + DATA + ["device", "runtime", "quantize", "out"]),
     "bench": ("time model files on a device (two files: original and pruned, one run)", MEASURE),
     "deploy": ("the whole chain: score, plan, prune, convert, measure, bundle",
                MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
                + ["plan", "scores", "recalibrate_bn", "recover", "rounds", "max_drop",
                   "max_drop_tries"] + RECOVERY
-               + ["runtime", "quantize", "run_on", "runs", "warmup", "out", "name"]),
+               + ["runtime", "quantize", "run_on", "runs", "warmup", *GPU, "out", "name"]),
     "recover": ("prune by a plan (or plan first) and recover the pruned model by distillation; "
                 "writes the recovered pruned ONNX, its PyTorch weights and the plan",
                 MODEL + DATA + ["eval_data", "eval_samples"] + SCORING + PLANNING
@@ -216,6 +265,7 @@ def _model_and_data(opts: Options):
 
 
 def cmd_score(opts: Options, args: argparse.Namespace) -> int:
+    from fair_edge.data_checks import scoring_sample, short_warning
     from fair_edge.deploy import compute_scores
     from fair_edge.stage_cache import StageCache
 
@@ -224,7 +274,12 @@ def cmd_score(opts: Options, args: argparse.Namespace) -> int:
     scores, hit = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))
     out = Path(opts.out) / f"{inp.source.name}.scores.npz"
     scores.save(out)
-    _emit(opts, {"scores": str(out), "cached": hit, "layers": scores.names()},
+    sample = scoring_sample(inp.calibration, opts.samples_per_class, opts.seed)
+    warning = short_warning(sample)
+    if warning:
+        _log(opts)(f"warning: {warning}")
+    _emit(opts, {"scores": str(out), "cached": hit, "layers": scores.names(), "sampling": sample,
+                 "warnings": [warning] if warning else []},
           f"scores of {len(scores.names())} layers -> {out}{' (cached)' if hit else ''}")  # fmt: skip
     return 0
 
@@ -242,7 +297,7 @@ def _plan(opts: Options, inp: Any = None):
         scores = Scores.load(opts.scores)
     else:
         scores = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))[0]
-    proto = export_onnx(model, example_input(inp.calibration), None)
+    proto = export_onnx(model, example_input(inp.calibration), None, opset=opts.opset)
     return inp, proto, make_plan(scores, proto, model, opts, inp.profile)
 
 
@@ -267,7 +322,9 @@ def cmd_prune(opts: Options, args: argparse.Namespace) -> int:
         plan = Plan.load(opts.plan)
         if inp.source.model is not None:
             plan.check_model(inp.source.model)
-            proto = export_onnx(inp.source.model, example_input(inp.calibration), None)
+            proto = export_onnx(
+                inp.source.model, example_input(inp.calibration), None, opset=opts.opset
+            )
         else:
             proto = load_onnx(inp.source.onnx_path)
     else:
@@ -299,7 +356,7 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
     out_dir = Path(opts.out)
     x0 = example_input(inp.calibration)
     onnx_path = out_dir / f"{inp.source.name}.onnx"
-    export_onnx(model, x0, onnx_path)
+    export_onnx(model, x0, onnx_path, opset=opts.opset)
     files: dict[str, Any] = {"onnx": str(onnx_path)}
     calib = calibration_subset(inp.calibration, 256, opts.seed)
     if opts.runtime == "tflite" or (opts.runtime == "auto" and inp.profile.runtime("tflite")):
@@ -313,8 +370,9 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
         q = out_dir / f"{inp.source.name}.{opts.quantize}.onnx"
         ev = inp.evaluation
         files[opts.quantize] = quantize(
-            opts.quantize, onnx_path, q, calib, ev.inputs, ev.labels
-        ).to_json()
+            opts.quantize, onnx_path, q, calib, ev.inputs, ev.labels,
+            symmetric=inp.profile.tensorrt,  # TensorRT takes int8 QDQ with zero points 0 only
+        ).to_json()  # fmt: skip
     text = "\n".join(f"{k}: {v if isinstance(v, str) else v['path']}" for k, v in files.items())
     _emit(opts, files, text)
     return 0
@@ -322,12 +380,12 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
 
 def cmd_bench(opts: Options, args: argparse.Namespace) -> int:
     from devices.report import measure_pair
-    from devices.runspec import RunSpec
     from fair_edge.deploy import choose_where, resolve_profile
+    from fair_edge.gpu_stage import run_spec
 
     profile = resolve_profile(opts.device)
     where, why = choose_where(profile, opts.run_on)
-    spec = RunSpec(warmup=opts.warmup, runs=opts.runs)
+    spec = run_spec(opts)
     files = [Path(f) for f in args.files]
     if len(files) > 2:
         raise FairEdgeError("bench takes one model file, or two (original and pruned)")
@@ -385,7 +443,7 @@ def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
     if opts.plan:
         plan = Plan.load(opts.plan)
         plan.check_model(model)
-        proto = export_onnx(model, example_input(inp.calibration), None)
+        proto = export_onnx(model, example_input(inp.calibration), None, opset=opts.opset)
     else:
         inp, proto, plan = _plan(opts, inp)
     plan.method.setdefault("input_shape", [1, *inp.calibration.sample_shape])

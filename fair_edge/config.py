@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from calibration.data import NORMALIZE_PRESETS, RESIZE_MODES
 from calibration.errors import FairEdgeError
 
 RUNTIMES = ("auto", "onnx", "tflite")
@@ -27,7 +28,18 @@ ROUND_MODES = ("auto", "up", "nearest", "down")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 AUGMENT = ("shift", "shift+flip", "none")
+TASKS = ("classification", "segmentation", "detection")
 DEFAULT_TOD = 0.05
+# GPU run settings (TensorRT / CUDA); --provider names the execution providers it asks for,
+# preferred first, and a provider it names must be on the board (no silent CPU fallback).
+PROVIDERS = {
+    "auto": None,
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cpu": ["CPUExecutionProvider"],
+}
+PRECISIONS = ("fp32", "fp16", "int8")
+NORMALIZE = tuple(NORMALIZE_PRESETS)
 
 
 class ConfigError(FairEdgeError):
@@ -107,6 +119,12 @@ class Options:
     BatchNorm re-estimation) stays within this many points of the unpruned model, on held-out
     data."""
     max_drop_tries: int = 6
+    task: str = "classification"
+    """classification, segmentation (U per pixel; label maps from the data's 'masks' or the
+    model's own per-pixel argmax) or detection (raw head outputs; needs --loss and box targets)."""
+    loss: str | None = None
+    """`module:function` or `file.py:function` (output, targets) -> scalar loss for R; default:
+    cross-entropy (per pixel for segmentation)."""
     quantize: str = "none"
     out: str = "dist"
     name: str | None = None
@@ -114,8 +132,58 @@ class Options:
     runs: int = 50
     warmup: int = 5
     cache: bool = True
+    # -- image data preprocessing and plan controls ---------------------------------------------
+    image_size: list[int] | None = None
+    """Resize images (folders, raw arrays) to H,W (one value: square); default: --input-shape's
+    H,W, else the images' own size."""
+    channels: int | None = None
+    """1 (grayscale) or 3 (RGB); default: --input-shape's C, else 3."""
+    mean: list[float] | None = None
+    """Per-channel mean (one value or one per channel) of pixels scaled to 0..1."""
+    std: list[float] | None = None
+    normalize: str | None = None
+    """A named mean/std preset instead of --mean/--std (default: mean 0, std 1)."""
+    resize_mode: str = "stretch"
+    """stretch, shorter-side (keep aspect, centre crop) or center-crop (no scaling)."""
+    labels_file: str | None = None
+    """Class names one per line in the model's output order; default: the model's own
+    `class_names` attribute, else sorted folder names."""
+    ignore_layers: list[str] | None = None
+    """Layers (names or shell patterns, comma-separated) never pruned."""
+    max_layer_ratio: float | None = None
+    """The largest share of any one layer's units a plan may remove."""
+    layer_ratio_caps: dict[str, float] | None = None
+    """Config file only: {pattern: largest share removed} for the layers a pattern matches."""
+    round_to: int | None = None
+    """Round kept channels to this multiple instead of the profile's channel_multiple."""
+    opset: int = 17
+    """ONNX opset of every export (17 to 20)."""
+    # ---------------------------------------------------------------------------------------------
     quiet: bool = False
     json: bool = False
+    # -- GPU run settings (TensorRT / CUDA) --
+    provider: str = "auto"
+    """auto: the profile's providers in order, falling back to what the board has (the report
+    says which ran each node); tensorrt, cuda or cpu: those, and a missing one is an error."""
+    precision: str | None = None
+    """TensorRT precision fp32, fp16 or int8 (None: the profile's, fp16 on the Jetsons)."""
+    trt_cache: str | None = None
+    """Folder on the board for TensorRT engines and timing caches (None: the profile's)."""
+    workspace_mb: int | None = None
+    """TensorRT builder workspace in MiB (None: the profile's)."""
+
+    def validate_gpu(self) -> None:
+        """The GPU run settings: known provider and precision, a workspace >= 0."""
+        if self.provider not in PROVIDERS:
+            raise ConfigError(
+                f"--provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}"
+            )
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.workspace_mb is not None and self.workspace_mb < 0:
+            raise ConfigError(f"--workspace-mb must be >= 0, got {self.workspace_mb}")
 
     def validate(self) -> Options:
         """Check ranges and choices; return self so calls chain."""
@@ -140,6 +208,7 @@ class Options:
             ("recover_optimizer", self.recover_optimizer, OPTIMIZERS),
             ("recover_schedule", self.recover_schedule, SCHEDULES),
             ("recover_augment", self.recover_augment, AUGMENT),
+            ("task", self.task, TASKS),
         ):
             if value not in choices:
                 raise ConfigError(
@@ -187,7 +256,58 @@ class Options:
             raise ConfigError(
                 f"--input-shape must be positive sizes like 3,224,224, got {self.input_shape}"
             )
+        self.validate_gpu()
+        self._validate_data_and_controls()
         return self
+
+    def _validate_data_and_controls(self) -> None:
+        """Image preprocessing and plan-control options (their own block, see the fields)."""
+        if self.image_size is not None and (
+            len(self.image_size) not in (1, 2) or min(self.image_size) < 1
+        ):
+            raise ConfigError(
+                f"--image-size is H,W (or one size for both) in pixels, got {self.image_size}"
+            )
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and len(v) not in (1, 3):
+                raise ConfigError(f"--{name} takes one value or one per channel (3), got {v}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"--std values must be positive, got {self.std}")
+        if self.normalize is not None:
+            if self.normalize not in NORMALIZE:
+                raise ConfigError(
+                    f"--normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
+                )
+            if self.mean is not None or self.std is not None:
+                raise ConfigError("give either --normalize or --mean/--std, not both")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(
+                f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}"
+            )
+        if self.max_layer_ratio is not None and not 0.0 <= self.max_layer_ratio < 1.0:
+            raise ConfigError(
+                f"--max-layer-ratio is the largest share of a layer removed, in [0, 1), got "
+                f"{self.max_layer_ratio}"
+            )
+        for pat, r in (self.layer_ratio_caps or {}).items():
+            if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r < 1.0:
+                raise ConfigError(
+                    f"layer_ratio_caps[{pat!r}] must be a share in [0, 1), e.g. 0.5, got {r!r}"
+                )
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"--round-to must be a channel multiple >= 1, got {self.round_to}")
+        if not 17 <= self.opset <= 20:
+            raise ConfigError(
+                f"--opset must be 17 to 20 (what the TorchScript ONNX exporter writes), got {self.opset}"
+            )
+        if self.rounds > 1 and (self.max_layer_ratio is not None or self.layer_ratio_caps):
+            raise ConfigError(
+                "--max-layer-ratio and layer_ratio_caps apply to one-round plans; drop --rounds "
+                "or the caps"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,16 +354,32 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
     elif origin is list:
-        if isinstance(value, list | tuple) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            return [int(v) for v in value]
+        elem = (typing.get_args(hint) or (int,))[0]
+        if elem is str and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(_is(v, elem) for v in value):
+            return [elem(v) for v in value]
+        wanted = f"a list of {elem.__name__}"
+        raise ConfigError(
+            f"option {name!r} from {source} must be {wanted}, got {type(value).__name__} {value!r}"
+        )
     elif origin is dict and isinstance(value, dict):
-        return dict(value)
+        elem = (typing.get_args(hint) or (str, object))[1]
+        if elem is object or all(_is(v, elem) for v in value.values()):
+            return {str(k): (elem(v) if elem is not object else v) for k, v in value.items()}
     wanted = getattr(origin, "__name__", str(origin))
     raise ConfigError(
         f"option {name!r} from {source} must be {wanted}, got {type(value).__name__} {value!r}"
     )
+
+
+def _is(value: Any, kind: type) -> bool:
+    """`value` fits `kind` (ints count as floats; bools as neither)."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
 
 
 def merge(base: Options, values: dict[str, Any], *, source: str) -> Options:

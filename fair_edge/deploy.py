@@ -10,6 +10,7 @@ device skips the slow stage.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from exporters.evaluate import model_outputs, top1
 from fair_edge.config import DEFAULT_TOD, Options
 from fair_edge.model_source import ModelSource, resolve_model
 from fair_edge.stage_cache import StageCache, hash_arrays, hash_model
+from pipeline.controls import PlanControls
 from pipeline.plan import Plan
 from pipeline.scores import Scores
 
@@ -96,14 +98,20 @@ def resolve_profile(name: str) -> DeviceProfile:
 
 def resolve_inputs(opts: Options) -> Inputs:
     """Profile first (cheapest to get wrong), then model, then data."""
-    from calibration.loaders import load_data
+    from fair_edge.data_source import load_user_data
 
     profile = resolve_profile(opts.device)
     source = resolve_model(
-        opts.model, weights=opts.weights, num_classes=opts.num_classes, progress=show_progress(opts)
+        opts.model,
+        weights=opts.weights,
+        num_classes=opts.num_classes,
+        progress=show_progress(opts),
+        task=opts.task,
     )
     if opts.data is not None:
-        calib = load_data(opts.data)
+        calib = load_user_data(opts.data, opts, source.model)
+        if opts.task != "classification":  # dense targets are read by compute_scores
+            calib = dataclasses.replace(calib, labels=None, label_source="none", class_names=[])
     elif source.calibration_data is not None:
         calib = source.calibration_data
     else:
@@ -112,7 +120,7 @@ def resolve_inputs(opts: Options) -> Inputs:
             "an IDX file, 'fashion-mnist' or 'digits')"
         )
     if opts.eval_data is not None:
-        evaluation, same = load_data(opts.eval_data), False
+        evaluation, same = load_user_data(opts.eval_data, opts, source.model), False
     elif opts.data is None and source.eval_data is not None:
         evaluation, same = source.eval_data, False
     elif calib.labels is not None and len(calib) >= MIN_SPLIT:
@@ -123,7 +131,8 @@ def resolve_inputs(opts: Options) -> Inputs:
     if opts.input_shape is not None and list(calib.sample_shape) != list(opts.input_shape):
         raise DeployError(
             f"--input-shape {opts.input_shape} does not match the data's samples "
-            f"{list(calib.sample_shape)}; fix the preprocessing (resize/channels) or the shape"
+            f"{list(calib.sample_shape)}; fix the preprocessing (--image-size/--channels, for "
+            "image folders and raw arrays) or the shape"
         )
     if evaluation.sample_shape != calib.sample_shape:
         raise DeployError(
@@ -173,17 +182,28 @@ def calibration_subset(cs: CalibrationSet, n: int, seed: int) -> np.ndarray:
     return cs.inputs[idx]
 
 
-def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelSource) -> None:
+def _check_model_runs(
+    model: torch.nn.Module, cs: CalibrationSet, source: ModelSource, opts: Options | None = None
+) -> None:
     """One forward pass on a data sample, so a model/data mismatch is one clear line."""
     try:
         with torch.no_grad():
             out = model(example_input(cs))
     except Exception as exc:
+        from fair_edge.data_source import first_layer_hint
+
+        hint = first_layer_hint(model)
         raise DeployError(
             f"model {source.spec!r} cannot run on the data's samples of shape "
             f"{list(cs.sample_shape)} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "give data with the model's input shape and preprocessing"
+            + (
+                f"{hint} (or give data with the model's input shape)"
+                if hint
+                else "give data with the model's input shape and preprocessing"
+            )
         ) from exc
+    if opts is not None and opts.task != "classification":
+        return _check_dense(out, cs, source, opts)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise DeployError(
             f"model {source.spec!r} must return N x classes logits, got "
@@ -193,6 +213,31 @@ def _check_model_runs(model: torch.nn.Module, cs: CalibrationSet, source: ModelS
         raise DeployError(
             f"model {source.spec!r} has {out.shape[1]} outputs but the data has {cs.num_classes} "
             "classes; set --num-classes or use matching data"
+        )
+
+
+def _check_dense(out: Any, cs: CalibrationSet, source: ModelSource, opts: Options) -> None:
+    """A dense task's model output and targets, checked before anything is written."""
+    from calibration.dense_targets import load_dense_targets
+    from exporters.onnx_export import output_names
+    from pipeline.dense_scoring import dense_logits
+
+    if opts.task == "segmentation" and opts.loss is None:
+        try:
+            dense_logits(out)
+        except FairEdgeError as exc:
+            raise DeployError(f"model {source.spec!r}: {exc}") from exc
+    output_names(source.model, example_input(cs))  # a flat tensor/dict/tuple, or one line
+    if cs.inputs.ndim != 4:
+        raise DeployError(
+            f"--task {opts.task} needs image inputs N x C x H x W, the data's samples are "
+            f"{list(cs.sample_shape)}"
+        )
+    targets = load_dense_targets(opts.data, opts.task, len(cs), cs.inputs.shape[-2:])
+    if opts.task == "detection" and (opts.loss is None or targets is None):
+        raise DeployError(
+            "--task detection needs --loss module:function (raw head outputs, targets) -> loss "
+            "and box targets in --data (a .npz with 'boxes' N x M x 4 and 'box_labels' N x M)"
         )
 
 
@@ -265,6 +310,8 @@ def compute_scores(
     """FAIR scores of `model` on a seeded, class-balanced calibration draw; cached by content."""
     from pipeline.scoring import score
 
+    if opts.task != "classification":
+        return _dense_scores(model, cs, opts, cache)
     if cs.labels is not None:
         from calibration.sampling import balanced_sample
 
@@ -299,6 +346,77 @@ def compute_scores(
     return Scores.load(folder / "scores.npz"), hit
 
 
+def plan_controls(opts: Options) -> PlanControls:
+    """--ignore-layers, --max-layer-ratio and the config's layer_ratio_caps, for the planner."""
+    return PlanControls.of(opts.ignore_layers, opts.max_layer_ratio, opts.layer_ratio_caps)
+
+
+def channel_multiple(opts: Options, profile: DeviceProfile) -> int:
+    """The multiple kept channel counts are rounded to: --round-to, else the profile's."""
+    return opts.round_to if opts.round_to is not None else profile.channel_multiple
+
+
+DENSE_IMAGES = 32  # images scored for dense tasks (each gives many positions)
+
+
+def _loss_and_key(opts: Options) -> tuple[Callable[..., Any] | None, str | None]:
+    """The --loss function wrapped to fail in one line, and a cache key part for it."""
+    if opts.loss is None:
+        return None, None
+    from fair_edge.model_source import load_loss
+    from pipeline.dense_scoring import checked_loss
+
+    path = Path(opts.loss.rpartition(":")[0])
+    key = opts.loss + (
+        ":" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    )
+    return checked_loss(load_loss(opts.loss), f"--loss {opts.loss!r}"), key
+
+
+def _dense_scores(
+    model: torch.nn.Module, cs: CalibrationSet, opts: Options, cache: StageCache
+) -> tuple[Scores, bool]:
+    """Dense-task scores on a seeded draw of up to DENSE_IMAGES images and their targets."""
+    from calibration.dense_targets import load_dense_targets
+    from pipeline.scoring import score
+
+    targets = load_dense_targets(opts.data, opts.task, len(cs), cs.inputs.shape[-2:])
+    idx = np.sort(np.random.default_rng(opts.seed).permutation(len(cs))[:DENSE_IMAGES])
+    x = cs.inputs[idx]
+    if isinstance(targets, list):
+        t: Any = [targets[i] for i in idx]
+        parts = [a for d in t for a in (d["boxes"], d["labels"])]
+    else:
+        t = None if targets is None else targets[idx]
+        parts = [t]
+    loss, loss_key = _loss_and_key(opts)
+    key = StageCache.key(
+        "scores-dense/1",
+        hash_model(model),
+        hash_arrays(x, *parts),
+        opts.cache_key("samples_per_class", "seed", "where", "task"),
+        loss_key,
+    )
+
+    def run(folder: Path) -> dict[str, Any]:
+        scores = score(
+            model,
+            (torch.from_numpy(np.ascontiguousarray(x)), t),
+            task=opts.task,
+            loss=loss,
+            samples_per_class=opts.samples_per_class,
+            seed=opts.seed,
+            where=opts.where,
+            progress=show_progress(opts),
+            batch_size=8,
+        )
+        scores.save(folder / "scores.npz")
+        return {"layers": len(scores.layers)}
+
+    folder, hit = cache.fetch("scores", key, run)
+    return Scores.load(folder / "scores.npz"), hit
+
+
 def make_plan(
     scores: Scores,
     onnx_model: onnx.ModelProto,
@@ -312,8 +430,13 @@ def make_plan(
     from pipeline.planning import plan, plan_for_budget
 
     groups = find_groups(onnx_model)
+    controls = plan_controls(opts)
+    multiple = channel_multiple(opts, profile)
     if opts.latency_ms is not None:
         from devices.latency_plan import plan_for_latency
+
+        def planner(alpha: float) -> Plan:
+            return plan(scores, alpha, groups=groups, model=model, controls=controls)
 
         found = plan_for_latency(
             scores,
@@ -321,9 +444,10 @@ def make_plan(
             profile,
             opts.latency_ms,
             groups,
-            rounding=opts.round,
+            rounding=multiple if opts.round else False,
             mode=opts.round_mode,
             model=model,
+            planner=planner,
         )
         result = found.plan
         summary = {k: v for k, v in found.to_json().items() if k not in ("plan", "latency_model")}
@@ -337,10 +461,13 @@ def make_plan(
             cost=OnnxCostModel(onnx_model),
             groups=groups,
             model=model,
+            controls=controls,
         )
     else:
-        result = plan(scores, opts.tod or DEFAULT_TOD, groups=groups, model=model)
-    if opts.round and profile.channel_multiple > 1:
+        result = plan(
+            scores, opts.tod or DEFAULT_TOD, groups=groups, model=model, controls=controls
+        )
+    if opts.round and multiple > 1:
         from pipeline.rounding import round_plan
 
         mode = opts.round_mode
@@ -349,11 +476,15 @@ def make_plan(
         result = round_plan(
             result,
             scores,
-            profile.channel_multiple,
+            multiple,
             mode=mode,
             groups=groups,
             cost=OnnxCostModel(onnx_model),
         )
+        result.method["rounding"]["from"] = (
+            "--round-to" if opts.round_to is not None else f"profile {profile.name}"
+        )
+    result.method["export"] = {"opset": opts.opset}
     return result
 
 
@@ -463,7 +594,9 @@ def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> lis
             _fmt(m["accuracy"][1], ".4f"),
         ),
     ]
-    out = [
+    warnings = summary.get("warnings") or []
+    out = [section("Warnings", bullets(warnings, strong=True), cls="warnings")] if warnings else []
+    out += [
         section(
             None,
             para(
@@ -565,6 +698,9 @@ def summary_sections(summary: dict[str, Any], runtime: str | None = None) -> lis
                 cls="variants",
             )
         )
+    data = summary.get("data")
+    if data:
+        out.append(section("Data", bullets(data_lines(data)), cls="data"))
     notes = summary.get("notes") or []
     if notes:
         out.append(section("Notes", bullets([str(n) for n in notes]), cls="notes"))
@@ -611,7 +747,7 @@ def deploy(
     source, profile = inp.source, inp.profile
     verify_x = calibration_subset(inp.calibration, VERIFY_SAMPLES, opts.seed)
     if source.model is not None:
-        _check_model_runs(source.model, inp.calibration, source)
+        _check_model_runs(source.model, inp.calibration, source, opts)
     timings["inputs"] = round(time.perf_counter() - t0, 3)
     bar = tqdm(total=len(stages), disable=not show_progress(opts), unit="stage", leave=False)
     with tempfile.TemporaryDirectory(prefix="fair-edge-deploy-") as tmp_name, bar:
@@ -628,7 +764,9 @@ def deploy(
         with _stage("export", timings, bar):
             raw_original = work / "original.raw.onnx"
             if model is not None:
-                original_proto = export_onnx(model, example_input(inp.calibration), raw_original)
+                original_proto = export_onnx(
+                    model, example_input(inp.calibration), raw_original, opset=opts.opset
+                )
             else:
                 original_proto = load_onnx(source.onnx_path)
                 shutil.copyfile(source.onnx_path, raw_original)
@@ -644,7 +782,8 @@ def deploy(
                 from fair_edge.recovery_stage import prune_in_rounds
 
                 rounds = prune_in_rounds(model, inp.calibration, rec_stage.data(), opts, cache,
-                                         profile.channel_multiple, progress=show_progress(opts))  # fmt: skip
+                                         channel_multiple(opts, profile),
+                                         progress=show_progress(opts))  # fmt: skip
                 the_plan = rounds.plan
             elif opts.max_drop is not None:
                 from fair_edge.accuracy_plan import plan_for_accuracy
@@ -736,11 +875,14 @@ def deploy(
         with _stage("quantize", timings, bar):
             if opts.quantize != "none":
                 _quantize(opts, inp, pruned_model, pruned_onnx, work, variants, variant_files,
-                          tflite_files, tflite_reports, notes)  # fmt: skip
+                          tflite_files, tflite_reports, notes, original_onnx)  # fmt: skip
         with _stage("accuracy", timings, bar):
             acc_orig = accuracy_of(original_onnx, inp.evaluation)
             acc_pruned = accuracy_of(pruned_onnx, inp.evaluation)
             acc_stages = {"unpruned": acc_orig, **acc_stages, "shipped (pruned ONNX)": acc_pruned}
+            data_record, warnings = _data_record(opts, inp, acc_orig, scored=scores is not None)
+            for w in warnings:
+                say(f"warning: {w}")
             for v in variants:
                 v["accuracy"] = accuracy_of(variant_files[v["file"]], inp.evaluation)
                 v["accuracy_change_points"] = (
@@ -749,9 +891,11 @@ def deploy(
                     else 100 * (v["accuracy"] - acc_pruned)
                 )
         with _stage("measure", timings, bar):
+            from fair_edge.gpu_stage import run_spec, trtexec_pair, variant_precision
+
             where, why = choose_where(profile, opts.run_on)
             say(f"measuring original and pruned on {profile.name} ({where})")
-            spec = RunSpec(warmup=opts.warmup, runs=opts.runs, runtime="onnxruntime")
+            spec = run_spec(opts, runtime="onnxruntime")
             comparisons = [measure_pair(original_onnx, pruned_onnx, profile, where, spec)]
             if "model.tflite" in tflite_files and "reference/original.tflite" in tflite_files:
                 tspec = RunSpec(warmup=opts.warmup, runs=opts.runs, runtime="tflite")
@@ -764,6 +908,17 @@ def deploy(
                         tspec,
                     )
                 )
+            for v in variants:  # GPU profiles: each variant, original vs pruned, same run
+                ref = v.get("original_file")
+                if ref is not None:
+                    vspec = dataclasses.replace(spec, precision=variant_precision(v["kind_id"]))
+                    comparisons.append(measure_pair(variant_files[ref], variant_files[v["file"]],
+                                                    profile, where, vspec))  # fmt: skip
+            trt_pair, why_not = trtexec_pair(original_onnx, pruned_onnx, profile, where, spec)
+            if trt_pair is not None:
+                comparisons.append(trt_pair)
+            if why_not:
+                notes.append(why_not)
             report_dir = work / "report"
             estimates = []
             if not comparisons[0].original.representative:
@@ -834,9 +989,18 @@ def deploy(
                 "recovery": recovery,
                 "tradeoff": tradeoff,
                 "notes": notes,
+                "data": data_record,
+                "warnings": warnings,
             }
-            if len(comparisons) > 1:
-                summary["tflite_latency_speedup"] = comparisons[1].ratios["speedup_p50"]
+            for c in comparisons[1:]:
+                if c.original.runtime.get("name") == "tflite":
+                    summary["tflite_latency_speedup"] = c.ratios["speedup_p50"]
+                elif c.original.runtime.get("name") == "trtexec":
+                    summary["trtexec_latency_speedup"] = c.ratios["speedup_p50"]
+                else:
+                    summary.setdefault("variant_latency_speedup", {})[c.pruned.model["name"]] = (
+                        c.ratios["speedup_p50"]
+                    )
             device_report = json.loads((report_dir / "report.json").read_text())
             report_json = {
                 "schema": REPORT_SCHEMA,
@@ -864,7 +1028,14 @@ def deploy(
             for rel, path in tflite_files.items():
                 bundle.add_file(rel, path, "reference" if rel.startswith("reference/") else "model")
             for rel, path in variant_files.items():
-                bundle.add_file(rel, path, "model")
+                bundle.add_file(rel, path, "reference" if rel.startswith("reference/") else "model")
+            tensorrt = None
+            if profile.tensorrt:
+                from fair_edge.gpu_stage import engine_bundle
+
+                script, tensorrt = engine_bundle(profile, bundle.name, _engine_models(
+                    opts, profile, pruned_onnx, original_onnx, variants, variant_files))  # fmt: skip
+                bundle.add_text("build_engine.sh", script, "tensorrt")
             bundle.add_file("runner.py", runner_path, "runner")
             for png in ("latency.png", "bars.png"):
                 if (report_dir / png).is_file():
@@ -894,6 +1065,8 @@ def deploy(
                     "layout": inp.calibration.preprocessing.layout,
                 },
                 "preprocessing": inp.calibration.preprocessing.to_json(),
+                "preprocessing_steps": inp.calibration.preprocessing.steps(),
+                "onnx_opset": opts.opset,
                 "labels": list(inp.calibration.class_names),
                 "data": {
                     "calibration": inp.calibration.to_json(),
@@ -939,6 +1112,8 @@ def deploy(
                     + " model.onnx --hashes manifest.json"
                 },
             }
+            if tensorrt is not None:
+                bundle.manifest["tensorrt"] = tensorrt
             out = write_bundle(opts.out, bundle)
     return DeployResult(
         bundle=out,
@@ -948,6 +1123,64 @@ def deploy(
         timings=timings,
         notes=notes,
     )
+
+
+def _data_record(
+    opts: Options, inp: Inputs, acc_orig: float | None, scored: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """Which data every figure came from, and the warnings about it (short classes, chance)."""
+    from fair_edge.data_checks import chance_level, chance_warning, scoring_sample, short_warning
+
+    ev = inp.evaluation
+    record: dict[str, Any] = {
+        "calibration": {"source": inp.calibration.source, "samples": len(inp.calibration),
+                        "labels": inp.calibration.label_source},
+        "scoring": scoring_sample(inp.calibration, opts.samples_per_class, opts.seed)
+        if scored else None,
+        "evaluation": {"source": ev.source, "samples": len(ev), "labels": ev.label_source,
+                       "chance": chance_level(ev), "is_calibration": inp.eval_is_calibration},
+        "preprocessing": inp.calibration.preprocessing.to_json(),
+    }  # fmt: skip
+    warnings = [w for w in (short_warning(record["scoring"]) if scored else None,
+                            chance_warning(acc_orig, ev)) if w]  # fmt: skip
+    if inp.eval_is_calibration and ev.labels is not None:
+        warnings.append(
+            f"accuracy is measured on the {len(ev)} calibration samples themselves (too few to hold "
+            f"{MIN_SPLIT // 5} out): give --eval-data, or more labelled data"
+        )
+    return record, warnings
+
+
+def data_lines(data: dict[str, Any]) -> list[str]:
+    """The report's Data section: what each figure was measured on."""
+    cal, ev, sc, pre = (
+        data["calibration"],
+        data["evaluation"],
+        data["scoring"],
+        data["preprocessing"],
+    )
+    lines = [
+        f"calibration data: {cal['source']}, {cal['samples']} samples (labels: {cal['labels']})"
+    ]
+    if sc is not None:
+        short = f"; short classes: {', '.join(f'{k}={v}' for k, v in sc['short'].items())}" if sc[
+            "short"] else ""  # fmt: skip
+        lines.append(
+            f"scoring used {sc['samples']} of them ({sc['per_class']} per class asked, labels: "
+            f"{sc['labels']}){short}"
+        )
+    chance = "n/a" if ev["chance"] is None else format(ev["chance"], ".4f")
+    lines.append(
+        f"every top-1 figure: {ev['source']}, {ev['samples']} samples (labels: {ev['labels']}; "
+        f"chance {chance})"
+    )
+    size = "x".join(map(str, pre["resize"])) if pre.get("resize") else "as stored"
+    lines.append(
+        f"preprocessing (also in manifest.json): size {size} ({pre.get('resize_mode', 'stretch')}), "
+        f"channels {pre.get('channels') or 'as stored'}, scale {pre['scale']:.6g}, mean "
+        f"{pre['mean']}, std {pre['std']}, layout {pre['layout']}"
+    )
+    return lines
 
 
 def _input_name(path: Path) -> str:
@@ -1003,18 +1236,33 @@ def _quantize(
     tflite_files: dict[str, Path],
     tflite_reports: dict[str, Any],
     notes: list[str],
+    original_onnx: Path,
 ) -> None:
-    """int8 (ONNX QDQ, and TFLite full-integer when TFLite is built) or fp16 (ONNX)."""
+    """int8 (ONNX QDQ, and TFLite full-integer when TFLite is built) or fp16 (ONNX).
+
+    On a TensorRT profile the int8 QDQ model is symmetric (zero points 0, what TensorRT takes);
+    on a GPU profile the original gets the same variant, so the two are timed as a pair.
+    """
     from exporters.quantize import convert_fp16_onnx, quantize_int8_onnx
+    from fair_edge.gpu_stage import gpu_profile
 
     calib = calibration_subset(inp.calibration, INT8_CALIBRATION, opts.seed)
+    trt = inp.profile.tensorrt
+    pair = gpu_profile(inp.profile)
     if opts.quantize == "int8":
-        path = quantize_int8_onnx(pruned_onnx, work / "model.int8.onnx", calib)
+        path = quantize_int8_onnx(pruned_onnx, work / "model.int8.onnx", calib, symmetric=trt)
         files["model.int8.onnx"] = path
+        kind = ("int8 QDQ symmetric per-channel, zero points 0 (TensorRT)" if trt
+                else "int8 QDQ per-channel (ONNX Runtime)")  # fmt: skip
         variants.append(
-            {"file": "model.int8.onnx", "kind": "int8 QDQ per-channel (ONNX Runtime)",
+            {"file": "model.int8.onnx", "kind": kind, "kind_id": "int8",
              "calibration_samples": len(calib), "size_bytes": path.stat().st_size}
         )  # fmt: skip
+        if pair:
+            ref = quantize_int8_onnx(original_onnx, work / "original.int8.onnx", calib,
+                                     symmetric=trt)  # fmt: skip
+            files["reference/original.int8.onnx"] = ref
+            variants[-1]["original_file"] = "reference/original.int8.onnx"
         if "model.tflite" in tflite_files and pruned_model is not None:
             from exporters.tflite import convert_tflite, verify_tflite
 
@@ -1041,6 +1289,33 @@ def _quantize(
         path = convert_fp16_onnx(pruned_onnx, work / "model.fp16.onnx")
         files["model.fp16.onnx"] = path
         variants.append(
-            {"file": "model.fp16.onnx", "kind": "fp16 (float32 inputs/outputs)",
+            {"file": "model.fp16.onnx", "kind": "fp16 (float32 inputs/outputs)", "kind_id": "fp16",
              "calibration_samples": 0, "size_bytes": path.stat().st_size}
         )  # fmt: skip
+        if pair:
+            ref = convert_fp16_onnx(original_onnx, work / "original.fp16.onnx")
+            files["reference/original.fp16.onnx"] = ref
+            variants[-1]["original_file"] = "reference/original.fp16.onnx"
+
+
+def _engine_models(
+    opts: Options,
+    profile: DeviceProfile,
+    pruned_onnx: Path,
+    original_onnx: Path,
+    variants: list[dict[str, Any]],
+    files: dict[str, Path],
+) -> dict[str, tuple[Path, str]]:
+    """The bundle's ONNX models build_engine.sh builds, each at the precision it is timed at."""
+    from devices.runspec import gpu_settings
+    from fair_edge.gpu_stage import run_spec, variant_precision
+
+    base = gpu_settings(run_spec(opts), profile)["precision"]
+    models = {"model.onnx": (pruned_onnx, base), "reference/original.onnx": (original_onnx, base)}
+    for v in variants:
+        if v["file"].endswith(".onnx"):
+            prec = variant_precision(v["kind_id"])
+            models[v["file"]] = (files[v["file"]], prec)
+            if v.get("original_file"):
+                models[v["original_file"]] = (files[v["original_file"]], prec)
+    return models

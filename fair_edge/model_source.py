@@ -67,16 +67,16 @@ def _safe_name(text: str) -> str:
     return keep.strip("-.") or "model"
 
 
-def _import_factory(spec: str) -> Any:
+def _import_factory(spec: str, what: str = "model entry point") -> Any:
     """`package.module:factory` or `path/to/file.py:factory`."""
     mod_name, _, attr = spec.rpartition(":")
     if not mod_name or not attr:
-        raise ModelSourceError(f"model entry point {spec!r} must look like 'module:factory'")
+        raise ModelSourceError(f"{what} {spec!r} must look like 'module:{what.split()[0]}'")
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
             if not path.is_file():
-                raise ModelSourceError(f"model entry point file {mod_name!r} does not exist")
+                raise ModelSourceError(f"{what} file {mod_name!r} does not exist")
             module_spec = importlib.util.spec_from_file_location(
                 f"_fair_edge_model_{path.stem}", path
             )
@@ -100,11 +100,11 @@ def _import_factory(spec: str) -> Any:
         raise
     except Exception as exc:
         raise ModelSourceError(
-            f"importing model entry point {spec!r} failed: {type(exc).__name__}: {exc}"
+            f"importing {what} {spec!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise ModelSourceError(f"model entry point {spec!r}: {mod_name} has no callable {attr!r}")
+        raise ModelSourceError(f"{what} {spec!r}: {mod_name} has no callable {attr!r}")
     return factory
 
 
@@ -157,12 +157,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def load_loss(spec: str) -> Any:
+    """The --loss function (`module:function` or `file.py:function`), imported once."""
+    return _import_factory(spec, what="loss function")
+
+
 def resolve_model(
     spec: str | None,
     *,
     weights: str | os.PathLike | None = None,
     num_classes: int | None = None,
     progress: bool = True,
+    task: str = "classification",
 ) -> ModelSource:
     """Turn a --model value into a ModelSource (see the module docstring for the forms)."""
     if spec is None or spec in ("", "default"):
@@ -202,9 +208,11 @@ def resolve_model(
         name = _safe_name(spec.rpartition(":")[2])
         kind = "entry_point"
     else:
-        from pipeline.zoo import efficientnet_lite0, torchvision_model
+        from pipeline.zoo import efficientnet_lite0, torchvision_dense_model, torchvision_model
 
-        if spec.replace("-", "_") == "efficientnet_lite0":
+        if task != "classification":
+            model = torchvision_dense_model(spec, task, num_classes=num_classes)
+        elif spec.replace("-", "_") == "efficientnet_lite0":
             model = efficientnet_lite0(pretrained=weights is None)
         else:
             model = torchvision_model(spec, num_classes=num_classes or 1000)

@@ -85,10 +85,11 @@ def recovery_data(
     teacher: nn.Module,
 ) -> RecoveryData:  # fmt: skip
     """Training samples and a disjoint held-out share (labelled by the teacher when unlabelled)."""
-    from calibration.loaders import load_data
+    from fair_edge.data_source import load_user_data
 
     if opts.recover_data is not None:
-        data, source = load_data(opts.recover_data), f"--recover-data {opts.recover_data}"
+        data = load_user_data(opts.recover_data, opts, teacher)
+        source = f"--recover-data {opts.recover_data}"
     elif default_train is not None:
         data, source = default_train, f"{default_train.source} (the model's training data)"
     else:
@@ -201,6 +202,7 @@ def prune_in_rounds(
     from exporters.graph_groups import find_groups
     from exporters.onnx_export import export_onnx
     from exporters.torch_prune import prune_torch
+    from fair_edge.deploy import plan_controls
     from pipeline.planning import plan_for_budget
     from pipeline.rounding import round_plan
     from pipeline.scoring import score
@@ -213,7 +215,7 @@ def prune_in_rounds(
     current, composed, now = model, None, 1.0  # now: FLOPs of `current` / the original's
     rounds: list[dict[str, Any]] = []
     for i in range(1, opts.rounds + 1):
-        proto = export_onnx(current, x1, None)
+        proto = export_onnx(current, x1, None, opset=opts.opset)
         groups = find_groups(proto)
         cost = OnnxCostModel(proto)
         want = (1.0 - opts.target) ** (i / opts.rounds)
@@ -223,7 +225,8 @@ def prune_in_rounds(
         scores = score(current, sample, samples_per_class=opts.samples_per_class,
                        projections=opts.projections, seed=opts.seed, where=opts.where,
                        progress=False, max_memory=opts.max_memory)  # fmt: skip
-        p = plan_for_budget(scores, min(rel, 0.95), "flops", cost, groups, current, strict=False)
+        p = plan_for_budget(scores, min(rel, 0.95), "flops", cost, groups, current, strict=False,
+                            controls=plan_controls(opts))  # fmt: skip
         if opts.round and channel_multiple > 1:
             p = round_plan(p, scores, channel_multiple, mode="nearest", groups=groups)
         student = prune_torch(current, p, x1, proto)

@@ -19,6 +19,7 @@ from torch import nn
 from pipeline.cost import CostModel
 from pipeline.groups import ChannelGroup
 from pipeline.plan import LayerPlan, ModelFingerprint, Plan, PlanError
+from pipeline.planning import segment_pick
 
 
 def _weight(model: nn.Module, name: str) -> np.ndarray:
@@ -106,11 +107,17 @@ def plan_from_importance(
     Ties break by unit index (stable sort). A layer keeps at least one unit.
     """
     layers: dict[str, LayerPlan] = {}
+    by_name = {g.name: g for g in groups or []}
     for gname, members, maps, imp in _targets(importance, groups):
         n = len(imp)
         k = max(int(counts.get(m, 0)) for m in members)
         k = min(max(k, 0), n - 1)
-        chans = np.argsort(imp, kind="stable")[:k]
+        order = np.argsort(imp, kind="stable")
+        segs = by_name[gname].extra.get("conv_groups") if gname in by_name else None
+        if segs:  # a grouped convolution: as many from every conv group
+            chans = np.asarray(segment_pick(order, [np.asarray(x) for x in segs], k), np.int64)
+        else:
+            chans = order[:k]
         for m in members:
             mp = maps[m]
             layers[m] = LayerPlan(

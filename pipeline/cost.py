@@ -44,8 +44,8 @@ class ScoresCostModel:
             n_out = g["weight_shape"][0]
             ko = kept.get(name, 1.0)
             ki = max((kept.get(p, 1.0) for p in g["producers"]), default=1.0)
-            if g["groups"] > 1:
-                ki = 1.0
+            if g["groups"] > 1 and g["weight_shape"][1] == 1:
+                ki = 1.0  # depthwise: its weight follows the output channels alone
             extra = (n_out if g["bias"] else 0) + g["per_channel_params"]
             p_before += w + extra
             p_after += w * ko * ki + extra * ko

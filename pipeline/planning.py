@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from pipeline.controls import PlanControls
 from pipeline.cost import CostModel, ScoresCostModel
 from pipeline.groups import ChannelGroup
 from pipeline.plan import LayerPlan, ModelFingerprint, Plan, PlanError
@@ -33,11 +34,43 @@ class _Target:
     group: str | None
     order: np.ndarray  # low-U order
     curve: np.ndarray  # ToD(k), k = 1..n
+    max_k: int | None = None  # a cap from PlanControls
+    segments: list[np.ndarray] | None = None  # conv groups of a grouped convolution
 
-    def count(self, alpha: float) -> int:
+    def count(self, alpha: float, scale: float = 1.0) -> int:
+        """The ToD count at alpha, times `scale` (rounded down) for budgets below ToD's floor."""
         if self.curve.shape[0] <= 1:
             return 0
-        return count_from_curve(self.curve, alpha)
+        k = count_from_curve(self.curve, alpha)
+        k = k if self.max_k is None else min(k, self.max_k)
+        return k if scale >= 1.0 else math.floor(scale * k + 1e-9)
+
+    def pruned(self, alpha: float, scale: float = 1.0) -> list[int]:
+        """The k lowest-U units; with conv groups, round(k / groups) lowest-U of each group
+        (rounded down where a cap would otherwise be passed)."""
+        k = self.count(alpha, scale)
+        if self.segments is None:
+            return sorted(int(i) for i in self.order[:k])
+        out = segment_pick(self.order, self.segments, k)
+        if self.max_k is not None and len(out) > self.max_k:
+            g = len(self.segments)
+            out = segment_pick(self.order, self.segments, g * (self.max_k // g))
+        return out
+
+
+def segment_pick(order: np.ndarray, segments: list[np.ndarray], k: int) -> list[int]:
+    """About k units in all, the same number from every segment, each the segment's first in
+    `order` (a grouped convolution keeps its group count only when every group loses as many)."""
+    per = min(int(round(k / len(segments))), min(len(s) for s in segments) - 1)
+    if per <= 0:
+        return []
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    out: list[int] = []
+    for seg in segments:
+        seg = np.asarray(seg, dtype=np.int64)
+        out += seg[np.argsort(rank[seg], kind="stable")[:per]].tolist()
+    return sorted(out)
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -61,10 +94,12 @@ def _check_model(scores: Scores, model: nn.Module | None) -> None:
 
 
 def _targets(
-    scores: Scores, groups: list[ChannelGroup] | None
+    scores: Scores, groups: list[ChannelGroup] | None, controls: PlanControls | None = None
 ) -> tuple[list[_Target], dict[str, str]]:
-    """ToD problems, plus {layer: why not pruned} for layers kept whole."""
-    held: dict[str, str] = {}
+    """ToD problems (with their caps), plus {layer: why not pruned} for layers kept whole."""
+    controls = controls or PlanControls()
+    units = {n: ls.n_units for n, ls in scores.layers.items()}
+    held, caps = controls.resolve(units, [*scores.graph, *scores.output_layers])
     grouped: dict[str, ChannelGroup] = {}
     live: list[ChannelGroup] = []
     for g in groups or []:
@@ -112,11 +147,27 @@ def _targets(
             grouped[m] = g
         u = np.sum([scores.layers[m].U for m in g.members], axis=0)
         r = np.sum([scores.layers[m].R for m in g.members], axis=0)
-        targets.append(_Target(g.name, list(g.members), g.name, low_u_order(u), tod_curve(u, r)))
+        cap = min((caps[m] for m in g.members if m in caps), default=None)
+        segs = g.extra.get("conv_groups")
+        targets.append(
+            _Target(
+                g.name,
+                list(g.members),
+                g.name,
+                low_u_order(u),
+                tod_curve(u, r),
+                max_k=cap,
+                segments=[np.asarray(x, dtype=np.int64) for x in segs] if segs else None,
+            )
+        )
     for name, ls in scores.layers.items():
         if name in held or name in grouped:
             continue
-        targets.append(_Target(name, [name], None, low_u_order(ls.U), tod_curve(ls.U, ls.R)))
+        targets.append(
+            _Target(
+                name, [name], None, low_u_order(ls.U), tod_curve(ls.U, ls.R), max_k=caps.get(name)
+            )
+        )
     return targets, held
 
 
@@ -127,11 +178,12 @@ def _build(
     alpha: float,
     groups: list[ChannelGroup] | None,
     extra: dict[str, Any] | None = None,
+    scale: float = 1.0,
+    controls: PlanControls | None = None,
 ) -> Plan:
     layers: dict[str, LayerPlan] = {}
     for t in targets:
-        k = t.count(alpha)
-        pruned = sorted(int(i) for i in t.order[:k])
+        pruned = t.pruned(alpha, scale)
         for m in t.members:
             layers[m] = LayerPlan(
                 name=m, n_units=scores.layers[m].n_units, pruned=list(pruned), group=t.group
@@ -154,6 +206,12 @@ def _build(
         "mode": scores.mode,
         "held": {m: why for m, why in held.items() if m in scores.layers},
     }
+    if controls is not None and not controls.empty:
+        method["controls"] = {
+            **controls.to_json(),
+            "ignored": sorted(m for m, why in held.items() if why.startswith("ignored")),
+            "max_pruned": {m: t.max_k for t in targets if t.max_k is not None for m in t.members},
+        }
     method.update(extra or {})
     return Plan(
         fingerprint=scores.fingerprint, layers=ordered, method=method, groups=list(groups or [])
@@ -165,12 +223,14 @@ def plan(
     alpha: float,
     groups: list[ChannelGroup] | None = None,
     model: nn.Module | None = None,
+    controls: PlanControls | None = None,
 ) -> Plan:
-    """The FAIR plan at level alpha: per layer (or group) remove D_k, k from the ToD rule."""
+    """The FAIR plan at level alpha: per layer (or group) remove D_k, k from the ToD rule
+    (capped, or not at all for ignored layers, by `controls`)."""
     a = _check_alpha(alpha)
     _check_model(scores, model)
-    targets, held = _targets(scores, groups)
-    return _build(scores, targets, held, a, groups)
+    targets, held = _targets(scores, groups, controls)
+    return _build(scores, targets, held, a, groups, controls=controls)
 
 
 def alpha_breakpoints(targets: list[_Target]) -> np.ndarray:
@@ -195,6 +255,7 @@ def plan_for_budget(
     model: nn.Module | None = None,
     strict: bool = True,
     max_alpha: float = 0.5,
+    controls: PlanControls | None = None,
 ) -> Plan:
     """The plan with the smallest alpha that removes at least `target` of the metric.
 
@@ -217,7 +278,7 @@ def plan_for_budget(
         raise PlanError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
     _check_model(scores, model)
     cost = cost if cost is not None else ScoresCostModel(scores)
-    targets, held = _targets(scores, groups)
+    targets, held = _targets(scores, groups, controls)
     top_alpha = _check_alpha(max_alpha)
     alphas = alpha_breakpoints(targets)
     alphas = alphas[alphas <= top_alpha]
@@ -225,7 +286,7 @@ def plan_for_budget(
         raise PlanError("no layer can be pruned by the ToD rule (all layers are one unit or held)")
 
     def removed(a: float) -> tuple[Plan, float]:
-        p = _build(scores, targets, held, float(a), groups)
+        p = _build(scores, targets, held, float(a), groups, controls=controls)
         return p, 1.0 - float(cost.remaining(p)[metric])
 
     top_plan, top = removed(alphas[-1])
@@ -238,6 +299,10 @@ def plan_for_budget(
             )
         top_plan.method["budget"] = {"metric": metric, "target": t, "achieved": top}
         return top_plan
+    floor = removed(alphas[0])[1]
+    if floor > t:
+        return _below_floor(scores, targets, held, float(alphas[0]), groups, cost, metric, t,
+                            floor, controls=controls)  # fmt: skip
     lo, hi = 0, alphas.size - 1  # removed(alphas[hi]) >= t
     while lo < hi:
         mid = (lo + hi) // 2
@@ -247,4 +312,55 @@ def plan_for_budget(
             lo = mid + 1
     best, got = removed(alphas[hi])
     best.method["budget"] = {"metric": metric, "target": t, "achieved": got}
+    return best
+
+
+def scale_breakpoints(targets: list[_Target], alpha: float) -> np.ndarray:
+    """Every scale in (0, 1] at which some floor(scale * k) changes: j / k for each ToD count k."""
+    ks = {t.count(alpha) for t in targets} - {0}
+    vals = {j / k for k in ks for j in range(1, k + 1)}
+    return np.array(sorted(vals), dtype=np.float64)
+
+
+def _below_floor(
+    scores: Scores,
+    targets: list[_Target],
+    held: dict[str, str],
+    alpha: float,
+    groups: list[ChannelGroup] | None,
+    cost: CostModel,
+    metric: str,
+    target: float,
+    floor: float,
+    controls: PlanControls | None = None,
+) -> Plan:
+    """Light pruning: the target is below what the smallest ToD level removes.
+
+    On small layers ToD's smallest non-empty level already removes a coarse share (1 of 8 units
+    is 12.5%), so a 5% budget would be overshot several times. Here every layer keeps the ToD
+    allocation of the smallest level, scaled down by one common factor (counts rounded down),
+    still removing each layer's lowest-U units; the smallest factor meeting the target is found by
+    bisection over the finite set of factors where a count changes.
+    """
+
+    def removed(s: float) -> tuple[Plan, float]:
+        p = _build(scores, targets, held, alpha, groups, scale=s, controls=controls)
+        return p, 1.0 - float(cost.remaining(p)[metric])
+
+    scales = scale_breakpoints(targets, alpha)
+    lo, hi = 0, scales.size - 1  # removed(scales[-1] = 1.0) = floor > target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed(scales[mid])[1] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best, got = removed(scales[hi])
+    best.method["budget"] = {"metric": metric, "target": target, "achieved": got}
+    best.method["light"] = {
+        "scale": float(scales[hi]),
+        "floor": floor,
+        "why": f"the smallest ToD level removes {floor:.1%} of {metric}; its per-layer "
+        f"allocation is scaled by {scales[hi]:.3g} to meet {target:.1%}",
+    }
     return best

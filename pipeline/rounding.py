@@ -8,18 +8,24 @@ count of every layer (or coupled group) to a multiple of the device's channel mu
   best of what FAIR removed comes back first);
 - rounding it DOWN prunes the kept units with the lowest U (the next FAIR would have removed);
 - a coupled group ranks its channels by the U summed over its members, as planning does, and
-  every member gets the same pruned channels.
+  every member gets the same pruned channels;
+- the channels of a grouped convolution (ChannelGroup.extra["conv_groups"]) keep the same count
+  in every conv group: that count is rounded to a multiple of m / gcd(groups, m), within each
+  conv group by U.
 
 Allowed kept counts for a layer of n units and multiple m are the multiples of m in [m, n], plus
 n itself (the layer untouched: its original shape, whatever n is). So a layer never empties, a
 layer with n <= m is kept whole, and a layer whose n is not a multiple of m either keeps a
 multiple of m or all n units (rounding up past the last multiple restores the full layer).
-Frozen groups and layers with no pruned units and n kept are left as they are.
+Frozen groups and layers with no pruned units and n kept are left as they are. A layer capped by
+the plan's controls (`method['controls']['max_pruned']`, see pipeline.controls) is never rounded
+below the kept count its cap allows: rounding goes up from there instead.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
@@ -109,16 +115,36 @@ def _moved(pruned: list[int], u: np.ndarray, target_kept: int) -> list[int]:
     return sorted(pruned_set | set(ranked[: target_pruned - len(pruned)]))
 
 
-def _units(plan: Plan, groups: list[ChannelGroup] | None) -> list[tuple[list[str], bool]]:
-    """Rounding units: (member layer names, frozen) for each group with members in the plan,
-    then each remaining layer on its own."""
-    units: list[tuple[list[str], bool]] = []
+def _moved_by_segment(
+    pruned: list[int], u: np.ndarray, segments: list[list[int]], multiple: int, mode: str
+) -> list[int]:
+    """Rounding for a grouped convolution's channels: every conv group keeps the same count, so
+    the per-group kept count is rounded to a multiple of multiple / gcd(groups, multiple)."""
+    g, size = len(segments), len(segments[0])
+    step = multiple // math.gcd(g, multiple)
+    pruned_set = set(pruned)
+    kept_per = size - len(pruned_set.intersection(segments[0]))
+    target = rounded_count(kept_per, size, step, mode)
+    out: list[int] = []
+    for seg in segments:
+        local = [i for i, c in enumerate(seg) if c in pruned_set]
+        moved = _moved(local, np.asarray(u)[np.asarray(seg)], target)
+        out += [int(seg[i]) for i in moved]
+    return sorted(out)
+
+
+def _units(
+    plan: Plan, groups: list[ChannelGroup] | None
+) -> list[tuple[list[str], bool, list[list[int]] | None]]:
+    """Rounding units: (member layer names, frozen, conv groups) for each group with members
+    in the plan, then each remaining layer on its own."""
+    units: list[tuple[list[str], bool, list[list[int]] | None]] = []
     grouped: set[str] = set()
     by_name = {g.name: g for g in (groups if groups is not None else plan.groups)}
     for g in by_name.values():
         members = [m for m in g.members if m in plan.layers]
         if members:
-            units.append((members, g.frozen))
+            units.append((members, g.frozen, g.extra.get("conv_groups")))
             grouped.update(members)
     # Layers that name a group the caller did not pass still move together.
     tagged: dict[str, list[str]] = {}
@@ -126,9 +152,9 @@ def _units(plan: Plan, groups: list[ChannelGroup] | None) -> list[tuple[list[str
         if name not in grouped and lp.group is not None:
             tagged.setdefault(lp.group, []).append(name)
     for members in tagged.values():
-        units.append((members, False))
+        units.append((members, False, None))
         grouped.update(members)
-    units += [([name], False) for name in plan.layers if name not in grouped]
+    units += [([name], False, None) for name in plan.layers if name not in grouped]
     return units
 
 
@@ -157,7 +183,11 @@ def round_plan(
     multiple = int(multiple)
     out = copy.deepcopy(plan)
     changed = 0
-    for members, frozen in _units(out, groups):
+    controls = out.method.get("controls")
+    max_pruned = dict(controls.get("max_pruned") or {}) if isinstance(controls, Mapping) else {}
+    for members, frozen, segments in _units(out, groups):
+        if frozen:  # held as they are (members may differ in width, e.g. a residual on a split)
+            continue
         lps: list[LayerPlan] = [out.layers[m] for m in members]
         n = lps[0].n_units
         if any(lp.n_units != n for lp in lps):
@@ -170,17 +200,23 @@ def round_plan(
                 f"layers {', '.join(members)} are one channel group but prune different channels; "
                 "re-plan with the groups"
             )
-        if frozen:
-            continue
         u = sum(_checked_u(scores, m, n) for m in members)
         kept = lps[0].kept
         for lp in lps:
             if lp.unrounded_pruned is None:
                 lp.unrounded_pruned = len(lp.pruned)
-        target = rounded_count(kept, n, multiple, mode)
-        if target == kept:
-            continue
-        new_pruned = _moved(lps[0].pruned, u, target)
+        if segments:
+            new_pruned = _moved_by_segment(lps[0].pruned, u, segments, multiple, mode)
+            if sorted(new_pruned) == sorted(lps[0].pruned):
+                continue
+        else:
+            target = rounded_count(kept, n, multiple, mode)
+            caps = [int(max_pruned[m]) for m in members if m in max_pruned]
+            if caps and n - target > min(caps):
+                target = rounded_count(n - min(caps), n, multiple, "up")
+            if target == kept:
+                continue
+            new_pruned = _moved(lps[0].pruned, u, target)
         for lp in lps:
             lp.pruned = list(new_pruned)
             lp.validate()

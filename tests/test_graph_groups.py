@@ -132,12 +132,25 @@ class Shuffle(nn.Module):
         return self.b(self.g(y))
 
 
-def test_channel_shuffle_and_grouped_conv_freeze_with_reasons():
+def test_channel_shuffle_and_grouped_conv_are_followed():
+    """The shuffle is a permutation: the grouped conv's two conv groups, seen through it, are
+    a's channels {0, 1, 4, 5} and {2, 3, 6, 7} (a channel c of part k lands at 2c + k)."""
     model = Shuffle().eval()
     proto, groups = _groups(model, (1, 3, 8, 8))
-    assert groups["a"].frozen and "Reshape" in groups["a"].reason
-    assert groups["g"].frozen and "grouped" in groups["g"].reason
+    assert not groups["a"].frozen and groups["a"].extra["conv_groups"] == [
+        [0, 1, 4, 5],
+        [2, 3, 6, 7],
+    ]
+    assert not groups["g"].frozen and groups["g"].extra["conv_groups"] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]
     assert groups["b"].frozen and "output" in groups["b"].reason
+    plan = random_plan(list(groups.values()), 0.3, seed=0,
+                       fingerprint=ModelFingerprint.from_model(model))  # fmt: skip
+    _, report = apply_plan(proto, plan)
+    assert report.verification["max_abs_diff"] <= report.verification["bound"]
+    assert report.params_after < report.params_before
 
 
 def _tiny_onnx(op_nodes, extra_inits=()):

@@ -226,3 +226,39 @@ def test_replan_from_saved_scores(tmp_path, resnet_scores) -> None:
     assert plan(t, 0.05, model=model).to_json() == plan(s, 0.05).to_json()
     plan(t, 0.05).save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json").to_json() == plan(s, 0.05).to_json()
+
+
+def test_light_budget_below_the_smallest_tod_level(vgg_scores) -> None:
+    """A 3% budget on 16-32-unit layers: ToD's smallest level overshoots; the scaled plan does not."""
+    model, s = vgg_scores
+    cost = ScoresCostModel(s)
+    targets, _ = _targets(s, None)
+    floor_plan = plan(s, float(alpha_breakpoints(targets)[0]))
+    floor = 1 - cost.remaining(floor_plan)["flops"]
+    assert floor > 0.06  # what a user asking for 3% got before: the smallest level
+    p = plan_for_budget(s, 0.03, metric="flops", model=model)
+    got = 1 - cost.remaining(p)["flops"]
+    assert 0.03 <= got < floor and p.method["budget"]["achieved"] == pytest.approx(got)
+    scale = p.method["light"]["scale"]
+    assert 0 < scale < 1
+    for n, lp in p.layers.items():
+        full = floor_plan.layers[n].pruned
+        assert len(lp.pruned) == math.floor(scale * len(full) + 1e-9)
+        assert set(lp.pruned) <= set(full)  # the lowest-U units of the floor plan, fewer of them
+    below = [
+        q
+        for q in sorted(
+            {
+                j / len(f.pruned)
+                for f in floor_plan.layers.values()
+                if f.pruned
+                for j in range(1, len(f.pruned) + 1)
+            }
+        )
+        if q < scale
+    ]
+    if below:  # the next smaller factor misses the target: the search found the smallest
+        from pipeline.planning import _build
+
+        prev = _build(s, targets, {}, floor_plan.method["alpha"], None, scale=below[-1])
+        assert 1 - cost.remaining(prev)["flops"] < 0.03

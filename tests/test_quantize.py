@@ -14,7 +14,14 @@ from calibration.loaders import load_fashion_mnist
 from exporters.errors import ExportError
 from exporters.evaluate import onnx_outputs, top1
 from exporters.onnx_export import export_onnx
-from exporters.quantize import _Reader, convert_fp16_onnx, quantize, quantize_int8_onnx
+from exporters.quantize import (
+    _Reader,
+    convert_fp16_onnx,
+    nonzero_zero_points,
+    quantize,
+    quantize_int8_onnx,
+    require_symmetric,
+)
 from pipeline.train import default_model
 
 
@@ -91,6 +98,59 @@ def test_fp16_keeps_float32_io_and_outputs(setup: dict) -> None:
 def test_bad_requests(setup: dict, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="unknown quantisation"):
         quantize("int4", setup["fp32"], tmp_path / "x.onnx", setup["calib"], setup["calib"], None)
-    with pytest.raises(ExportError, match="at least one calibration input"):
+    with pytest.raises(ExportError, match="needs calibration data and got none"):
         quantize_int8_onnx(setup["fp32"], tmp_path / "x.onnx", setup["calib"][:0])
+    with pytest.raises(ExportError, match="needs calibration data and got none"):
+        quantize_int8_onnx(setup["fp32"], tmp_path / "x.onnx", None, symmetric=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def _zero_points(path: Path) -> list[np.ndarray]:
+    """Every QuantizeLinear's zero point, read straight from the file (oracle for the check)."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quants = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quants
+    return [inits[n.input[2]] if len(n.input) > 2 and n.input[2] else np.zeros(1) for n in quants]
+
+
+def test_symmetric_int8_for_tensorrt_has_zero_points_0_and_stays_close(setup: dict) -> None:
+    """TensorRT's int8 QDQ: every QuantizeLinear zero point 0, per-channel weights, float
+    biases; it still runs in ONNX Runtime and agrees with fp32 on real Fashion-MNIST."""
+    out = setup["folder"] / "model.int8-trt.onnx"
+    rep = quantize(
+        "int8", setup["fp32"], out, setup["calib"], setup["ev"].inputs, setup["ev"].labels,
+        symmetric=True,
+    )  # fmt: skip
+    zps = _zero_points(out)
+    assert all(np.all(z == 0) for z in zps), zps
+    assert nonzero_zero_points(onnx.load(str(out))) == {}
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    conv_scales = [
+        inits[n.input[1]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4
+    ]
+    assert len(conv_scales) == 4 and all(s.ndim == 1 and s.size > 1 for s in conv_scales)
+    assert not any(
+        inits[n.input[0]].dtype == np.int32
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    )  # biases stay float
+    assert rep.accuracy_before > 0.8 and abs(rep.accuracy_change) <= 0.02
+    assert rep.top1_agreement >= 0.95
+
+
+def test_the_symmetric_check_fails_on_the_default_asymmetric_model(setup: dict) -> None:
+    """The default (ORT-CPU) int8 model has non-zero activation zero points: the check says so."""
+    out = setup["folder"] / "model.int8-asym.onnx"
+    quantize_int8_onnx(setup["fp32"], out, setup["calib"][:64])
+    model = onnx.load(str(out))
+    assert any(np.any(z != 0) for z in _zero_points(out))
+    bad = nonzero_zero_points(model)
+    assert bad
+    with pytest.raises(ExportError, match="non-zero zero points.*TensorRT rejects"):
+        require_symmetric(model, out.name)
+    with pytest.raises(ExportError, match="no QuantizeLinear"):
+        require_symmetric(onnx.load(str(setup["fp32"])), "model.onnx")

@@ -132,6 +132,12 @@ def test_groups_use_summed_u_and_move_together() -> None:
     frozen = ChannelGroup("res", ["a", "b"], 6, frozen=True, reason="test")
     out_f = round_plan(plan, {"a": ua, "b": ub, "c": np.ones(6)}, 4, "up", groups=[frozen])
     assert out_f.layers["a"].pruned == [0, 2, 4, 5] and out_f.layers["a"].unrounded_pruned is None
+    # a frozen group whose members differ in width (a residual on one half of a C2f split)
+    mixed = _plan({"cv1": (8, []), "m": (4, []), "c": (6, [1, 2, 3])})
+    split = ChannelGroup("cv1+1", ["cv1", "m"], 8, frozen=True, reason="layouts")
+    out_m = round_plan(mixed, {"c": np.arange(6.0)}, 4, "up", groups=[split])
+    assert out_m.layers["cv1"].pruned == out_m.layers["m"].pruned == []
+    assert out_m.layers["c"].kept == 4
 
 
 def test_json_round_trip_keeps_unrounded_counts(tmp_path) -> None:

@@ -33,7 +33,7 @@ ZOO = {
     "efficientnet_b0": (64, True, False),
     "squeezenet1_1": (64, True, True),
     "shufflenet_v2_x1_0": (64, False, False),
-    "regnet_y_400mf": (64, False, False),
+    "regnet_y_400mf": (64, True, True),
     "googlenet": (64, True, True),
     "efficientnet_lite0": (64, True, True),
 }

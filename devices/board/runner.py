@@ -219,6 +219,296 @@ def verify_hashes(hash_list_path, root):
     return len(hashes)
 
 
+# ---------------------------------------------------------------- GPU providers and TensorRT
+
+PRECISIONS = ("fp32", "fp16", "int8")
+TRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CACHE_STAMP = "fair-edge-device.json"
+# ONNX Runtime release that first accepts each TensorRT option; an older onnxruntime (the
+# Jetson Zoo's 1.10/1.11 wheels for JetPack 4.6) rejects unknown keys, so they are left out there.
+TRT_OPTION_SINCE = {
+    "trt_timing_cache_enable": (1, 12),
+    "trt_timing_cache_path": (1, 16),
+    "trt_engine_cache_prefix": (1, 17),
+}
+
+
+def version_tuple(text):
+    """(major, minor) of a version string such as '1.16.3' or '8.2.1.8'; (0, 0) if unreadable."""
+    parts = []
+    for piece in str(text).split(".")[:2]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 2:
+        parts.append(0)
+    return tuple(parts)
+
+
+def provider_options(providers, precision="fp32", cache_dir=None, workspace_mb=0, ort_version=None):
+    """The options of each requested provider, in the order given, as ONNX Runtime takes them.
+
+    TensorRT: fp16 / int8 from `precision` (int8 expects a QDQ model: TensorRT takes its scales
+    from the graph, no calibration table), engine and timing caches in `cache_dir` so an engine
+    is built once per board and reused, the builder workspace in MiB. CUDA: device 0 with
+    cuDNN's exhaustive convolution search (timed once per session). Values are strings, the
+    form every onnxruntime release accepts. With `ort_version`, options that release does not
+    know are left out.
+    """
+    if precision not in PRECISIONS:
+        raise RunnerFailure(
+            EXIT_ARGS,
+            "bad_arguments",
+            "precision must be one of {}, got {}".format(", ".join(PRECISIONS), precision),
+        )
+    out = []
+    for name in providers:
+        opts = {}
+        if name == TRT:
+            opts["device_id"] = "0"
+            opts["trt_fp16_enable"] = "True" if precision in ("fp16", "int8") else "False"
+            opts["trt_int8_enable"] = "True" if precision == "int8" else "False"
+            if workspace_mb:
+                opts["trt_max_workspace_size"] = str(int(workspace_mb) * 1024 * 1024)
+            if cache_dir:
+                opts["trt_engine_cache_enable"] = "True"
+                opts["trt_engine_cache_path"] = cache_dir
+                opts["trt_timing_cache_enable"] = "True"
+                opts["trt_timing_cache_path"] = cache_dir
+            if ort_version is not None:
+                have = version_tuple(ort_version)
+                opts = dict(
+                    (k, v) for k, v in opts.items() if have >= TRT_OPTION_SINCE.get(k, (0, 0))
+                )
+        elif name == CUDA:
+            opts = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+        out.append((name, opts))
+    return out
+
+
+def device_identity():
+    """What an engine is tied to: the board model, its machine type and the runtime versions.
+
+    TensorRT engines are specific to the GPU and the TensorRT release that built them.
+    """
+    model = ""
+    for path in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
+        try:
+            with open(path, "rb") as fh:
+                model = fh.read().decode("utf-8", "replace").strip("\0 \n")
+            break
+        except OSError:
+            continue
+    trt_version = None
+    try:
+        import tensorrt
+
+        trt_version = tensorrt.__version__
+    except Exception:
+        pass
+    return {
+        "board": model or platform.node(),
+        "machine": platform.machine(),
+        "tensorrt": trt_version,
+    }
+
+
+def prepare_cache(cache_dir, runtime_version):
+    """Create (or reuse) the engine-cache folder; refuse one whose engines another device built.
+
+    The folder carries a stamp naming the device and runtime that filled it. Nothing is written
+    before the check passes, and the stamp is written atomically.
+    """
+    path = os.path.abspath(os.path.expanduser(cache_dir))
+    here = device_identity()
+    here["onnxruntime"] = runtime_version
+    stamp = os.path.join(path, CACHE_STAMP)
+    before = sorted(f for f in os.listdir(path) if f != CACHE_STAMP) if os.path.isdir(path) else []
+    if os.path.isfile(stamp):
+        try:
+            with open(stamp) as fh:
+                built = json.load(fh)
+        except ValueError:
+            built = {}
+        if built != here:
+            raise RunnerFailure(
+                EXIT_LOAD,
+                "engine_other_device",
+                f"engine cache {path} holds TensorRT engines built for {describe(built)} and cannot serve {describe(here)}: "
+                "engines are not portable between devices or runtime versions; remove the folder "
+                "or give another --trt-cache",
+            )
+    elif os.path.isfile(path):
+        raise RunnerFailure(
+            EXIT_ARGS, "bad_arguments", f"--trt-cache {path} is a file, not a folder"
+        )
+    try:
+        if not os.path.isdir(path):
+            os.makedirs(path)
+        if not os.path.isfile(stamp):
+            tmp = stamp + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(here, fh, sort_keys=True)
+            os.replace(tmp, stamp)
+    except OSError as exc:
+        raise RunnerFailure(
+            EXIT_ARGS,
+            "bad_arguments",
+            f"cannot create the engine cache {path}: {exc.strerror or exc}; give a writable --trt-cache",
+        ) from None
+    return {"path": path, "files_before": before, "reused": bool(before)}
+
+
+def describe(identity):
+    if not identity:
+        return "an unknown device (unreadable stamp)"
+    return ", ".join(f"{k} {identity[k]}" for k in sorted(identity) if identity[k])
+
+
+def cache_files(path):
+    return sorted(f for f in os.listdir(path) if f != CACHE_STAMP) if os.path.isdir(path) else []
+
+
+def node_placement(profile_path):
+    """{"by_provider": {provider: kernel count}, "nodes": {node: provider}} from an ORT profile.
+
+    Every kernel ONNX Runtime ran is a "Node" event whose args name its provider; a subgraph
+    TensorRT took appears as one fused node. This is what ran, not what was asked for.
+    """
+    with open(profile_path) as fh:
+        events = json.load(fh)
+    nodes = {}
+    for ev in events:
+        args = ev.get("args") or {}
+        name = ev.get("name", "")
+        if ev.get("cat") != "Node" or "provider" not in args or not name.endswith("_kernel_time"):
+            continue
+        nodes[name[: -len("_kernel_time")]] = args["provider"]
+    counts = {}
+    for provider in nodes.values():
+        counts[provider] = counts.get(provider, 0) + 1
+    return {"by_provider": counts, "nodes": nodes}
+
+
+# ---------------------------------------------------------------- trtexec
+
+TRTEXEC_DEFAULT = "/usr/src/tensorrt/bin/trtexec"
+_TRTEXEC_STATS = ("min", "max", "mean", "median")
+
+
+def trtexec_command(trtexec, model, precision, workspace_mb, cache_dir, trt_version, extra=()):
+    """The trtexec command that builds (or loads) `model`'s engine and times it.
+
+    A .onnx model is built into `<cache>/<model stem>.<precision>.engine`; an .engine or .plan is
+    loaded. TensorRT before 8.4 takes the workspace as --workspace=MiB, later ones as
+    --memPoolSize=workspace:<MiB>M. int8 on a QDQ model uses the graph's scales (--int8 with
+    --fp16 so layers without scales run in half precision).
+    """
+    cmd = [trtexec]
+    if model.endswith((".engine", ".plan")):
+        cmd.append("--loadEngine=" + model)
+    else:
+        cmd.append("--onnx=" + model)
+        if cache_dir:
+            stem = os.path.splitext(os.path.basename(model))[0]
+            cmd.append(
+                "--saveEngine=" + os.path.join(cache_dir, stem + "." + precision + ".engine")
+            )
+            cmd.append("--timingCacheFile=" + os.path.join(cache_dir, "trtexec.timing.cache"))
+        if precision in ("fp16", "int8"):
+            cmd.append("--fp16")
+        if precision == "int8":
+            cmd.append("--int8")
+        if workspace_mb:
+            if version_tuple(trt_version) >= (8, 4):
+                cmd.append(f"--memPoolSize=workspace:{int(workspace_mb)}M")
+            else:
+                cmd.append(f"--workspace={int(workspace_mb)}")
+    return cmd + list(extra)
+
+
+def _ms_value(text):
+    value = text.strip().split()[0]
+    return float(value)
+
+
+def parse_trtexec(text):
+    """The performance summary trtexec prints, as {section: {stat: ms}} plus throughput.
+
+    Sections are the summary lines such as "Latency", "Host Latency", "GPU Compute Time",
+    "Enqueue Time"; stats are min, max, mean, median and "p<q>" for each percentile(q%)
+    printed (TensorRT 8.2 prints only the 99th; 8.4+ also the 90th and 95th). A log that shows
+    an engine another device or TensorRT release built raises RunnerFailure.
+    """
+    out = {"sections": {}, "throughput_qps": None, "engine_build_s": None, "version": None}
+    for raw in text.splitlines():
+        line = raw.strip()
+        low = line.lower()
+        if "incompatible device" in low or "version tag does not match" in low:
+            raise RunnerFailure(
+                EXIT_LOAD,
+                "engine_other_device",
+                "trtexec refused the engine: {}; engines are not portable between devices or "
+                "TensorRT releases - rebuild it on this board (sh build_engine.sh)".format(
+                    line.split("] ", 2)[-1][:200]
+                ),
+            )
+        if "TensorRT.trtexec [TensorRT v" in line:
+            out["version"] = trt_banner_version(line.split("[TensorRT v", 1)[1].split("]", 1)[0])
+        body = line
+        while body.startswith("["):
+            body = body.split("]", 1)[1].strip() if "]" in body else ""
+        if body.startswith("Throughput:"):
+            out["throughput_qps"] = float(body.split(":", 1)[1].split()[0])
+            continue
+        if body.startswith("Engine built in"):
+            out["engine_build_s"] = float(body[len("Engine built in") :].split()[0])
+            continue
+        if ": min = " not in body:
+            continue
+        section, rest = body.split(":", 1)
+        stats = {}
+        for item in rest.split(","):
+            if "=" not in item:
+                continue
+            key, value = item.split("=", 1)
+            key = key.strip()
+            if key.startswith("percentile(") and key.endswith("%)"):
+                q = key[len("percentile(") : -2]
+                key = "p" + (q[:-2] if q.endswith(".0") else q)
+            elif key not in _TRTEXEC_STATS:
+                continue
+            stats[key] = _ms_value(value)
+        out["sections"][section.strip()] = stats
+    if not out["sections"]:
+        raise RunnerFailure(
+            EXIT_INFER,
+            "inference_failed",
+            f"trtexec printed no performance summary: {last_error_line(text)}",
+        )
+    return out
+
+
+def trt_banner_version(code):
+    """'8.2.1' from trtexec's banner code 8201, '10.3.0' from 100300 (TensorRT 10 widened it)."""
+    if not code.isdigit():
+        return code
+    n = int(code)
+    if n >= 100000:
+        return f"{n // 10000}.{(n // 100) % 100}.{n % 100}"
+    return f"{n // 1000}.{(n // 100) % 10}.{n % 100}"
+
+
+def last_error_line(text):
+    errors = [ln.strip() for ln in text.splitlines() if "[E]" in ln or "FAILED" in ln]
+    lines = errors or [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
 # ---------------------------------------------------------------- runtimes
 
 ORT_DTYPES = {
@@ -245,7 +535,7 @@ def random_input(np, rng, shape, dtype):
     return rng.integers(max(info.min, -128), min(info.max, 127) + 1, size=shape).astype(dtype)
 
 
-def open_onnxruntime(np, model_path, threads, providers, ort_profile, rng):
+def open_onnxruntime(np, model_path, args, rng):
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -253,25 +543,48 @@ def open_onnxruntime(np, model_path, threads, providers, ort_profile, rng):
             EXIT_RUNTIME, "runtime_missing", f"onnxruntime is not installed: {exc}"
         ) from None
     available = ort.get_available_providers()
-    wanted = providers or ["CPUExecutionProvider"]
+    wanted = [p for p in (args.providers or "").split(",") if p] or ["CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in available]
     chosen = [p for p in wanted if p in available]
-    if not chosen:
+    if not chosen or (args.strict_providers and missing):
         raise RunnerFailure(
             EXIT_RUNTIME,
             "no_provider",
-            "none of the execution providers {} is available (this onnxruntime has {})".format(
-                ", ".join(wanted), ", ".join(available)
+            "execution provider{} {} {} not available in this onnxruntime {} (it has {}): "
+            "install the onnxruntime build with {} (onnxruntime-gpu for CUDA/TensorRT) or ask "
+            "for another provider".format(
+                "s" if len(missing or wanted) > 1 else "",
+                ", ".join(missing or wanted),
+                "are" if len(missing or wanted) > 1 else "is",
+                ort.__version__,
+                ", ".join(available),
+                "them" if len(missing or wanted) > 1 else "it",
             ),
         )
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if ort_profile:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = ort_profile
+    cache = None
+    if TRT in chosen and args.trt_cache:
+        cache = prepare_cache(args.trt_cache, ort.__version__)
+    options = provider_options(
+        chosen, args.precision, cache["path"] if cache else None, args.workspace_mb, ort.__version__
+    )
+
+    def make_session(profile_prefix):
+        opts = ort.SessionOptions()
+        if args.threads:
+            opts.intra_op_num_threads = args.threads
+            opts.inter_op_num_threads = 1
+        if profile_prefix:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
+        return ort.InferenceSession(
+            model_path,
+            sess_options=opts,
+            providers=[name for name, _ in options],
+            provider_options=[o for _, o in options],
+        )
+
     try:
-        session = ort.InferenceSession(model_path, sess_options=opts, providers=chosen)
+        session = make_session(args.ort_profile)
     except Exception as exc:
         raise RunnerFailure(
             EXIT_LOAD,
@@ -291,16 +604,45 @@ def open_onnxruntime(np, model_path, threads, providers, ort_profile, rng):
         return session.run(None, feeds)
 
     def finish():
-        return session.end_profiling() if ort_profile else None
+        """End the run: the profile file, which provider ran each node, the engine cache."""
+        profile_file = session.end_profiling() if args.ort_profile else None
+        placement = None
+        if args.placement:
+            placement = placement_of(make_session, feeds, profile_file)
+        if cache is not None:
+            cache["files_after"] = cache_files(cache["path"])
+        return profile_file, placement
 
     info = {
         "name": "onnxruntime",
         "version": ort.__version__,
         "providers_requested": wanted,
+        "providers_missing": missing,
         "providers_used": session.get_providers(),
+        "provider_options": dict(options),
+        "precision": args.precision,
+        "engine_cache": cache,
         "inputs": {k: list(v.shape) for k, v in feeds.items()},
     }
     return infer, finish, info
+
+
+def placement_of(make_session, feeds, profile_file):
+    """Which provider ran each node: from the timed session's profile when it kept one, else
+    from one profiled run of a second session (after timing, so it costs the timing nothing)."""
+    import tempfile
+
+    if profile_file:
+        return node_placement(profile_file)
+    folder = tempfile.mkdtemp(prefix="fair-edge-placement-")
+    try:
+        session = make_session(os.path.join(folder, "p"))
+        session.run(None, feeds)
+        return node_placement(session.end_profiling())
+    finally:
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
 
 
 def open_tflite(np, model_path, threads, rng):
@@ -352,7 +694,88 @@ def open_tflite(np, model_path, threads, rng):
         "providers_used": ["XNNPACK/builtin"],
         "inputs": {d["name"]: [int(x) for x in d["shape"]] for d in details},
     }
-    return infer, (lambda: None), info
+    return infer, (lambda: (None, None)), info
+
+
+def run_trtexec(model_path, args):
+    """Time `model_path` with TensorRT's own trtexec; per-inference times from --exportTimes.
+
+    Returns (samples in seconds, build/load seconds, runtime info, peak RSS of trtexec in MiB).
+    """
+    import resource
+    import subprocess
+    import tempfile
+
+    exe = args.trtexec or TRTEXEC_DEFAULT
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        raise RunnerFailure(
+            EXIT_RUNTIME,
+            "runtime_missing",
+            f"trtexec is not at {exe} (JetPack puts it in /usr/src/tensorrt/bin): install TensorRT "
+            "or give --trtexec PATH",
+        )
+    cache = prepare_cache(args.trt_cache, None) if args.trt_cache else None
+    folder = tempfile.mkdtemp(prefix="fair-edge-trtexec-")
+    times = os.path.join(folder, "times.json")
+    extra = [
+        f"--iterations={args.runs or 1}",
+        f"--duration={int(math.ceil(args.min_duration))}",
+        f"--warmUp={max(args.warmup, 1) * 10}",
+        "--exportTimes=" + times,
+    ]
+    cmd = trtexec_command(
+        exe,
+        model_path,
+        args.precision,
+        args.workspace_mb,
+        cache["path"] if cache else None,
+        args.trt_version,
+        extra,
+    )
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True
+        )
+        log = proc.communicate()[0]
+        wall = time.perf_counter() - t0
+        parsed = parse_trtexec(log)
+        if proc.returncode != 0:
+            raise RunnerFailure(
+                EXIT_INFER,
+                "inference_failed",
+                f"trtexec failed (exit {proc.returncode}): {last_error_line(log)}",
+            )
+        try:
+            with open(times) as fh:
+                records = json.load(fh)
+        except (OSError, ValueError):
+            raise RunnerFailure(
+                EXIT_INFER, "inference_failed", "trtexec wrote no per-inference times"
+            ) from None
+    finally:
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+    samples = [float(r["latencyMs"]) / 1000.0 for r in records if "latencyMs" in r]
+    if not samples:
+        raise RunnerFailure(EXIT_INFER, "inference_failed", "trtexec timed no inference")
+    if cache is not None:
+        cache["files_after"] = cache_files(cache["path"])
+    info = {
+        "name": "trtexec",
+        "version": parsed["version"] or args.trt_version or "unknown",
+        "providers_requested": ["TensorRT"],
+        "providers_used": ["TensorRT"],
+        "precision": args.precision,
+        "engine_cache": cache,
+        "command": cmd[:-1],
+        "summary": parsed,
+        "inputs": {},
+    }
+    build = parsed["engine_build_s"]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return samples, (build if build is not None else wall - sum(samples)), info, peak
 
 
 # ---------------------------------------------------------------- main
@@ -373,18 +796,24 @@ def run(args):
     runtime = args.runtime
     if runtime == "auto":
         runtime = "tflite" if model_path.endswith(".tflite") else "onnxruntime"
+        if model_path.endswith((".engine", ".plan")):
+            runtime = "trtexec"
 
     import numpy as np
 
+    if runtime == "trtexec":
+        samples, load_s, info, child_peak = run_trtexec(model_path, args)
+        return finish_result(
+            result, args, model_path, np, info, samples, [], load_s, None, t_start,
+            {"rss_before_load": None, "rss_after_load": None, "rss_growth_load": None,
+             "peak_rss": child_peak},
+        )  # fmt: skip
     rng = np.random.default_rng(args.seed)
-    providers = [p for p in (args.providers or "").split(",") if p]
     pinned = pin_cpus(args.threads) if args.pin else None
     rss_before = rss_mb()
     t0 = time.perf_counter()
     if runtime == "onnxruntime":
-        infer, finish, info = open_onnxruntime(
-            np, model_path, args.threads, providers, args.ort_profile, rng
-        )
+        infer, finish, info = open_onnxruntime(np, model_path, args, rng)
     else:
         infer, finish, info = open_tflite(np, model_path, args.threads, rng)
     load_s = time.perf_counter() - t0
@@ -392,6 +821,9 @@ def run(args):
     cpu_samples = []
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     try:
+        t1 = time.perf_counter()
+        infer()  # the first run: where TensorRT builds (or loads) its engine, timed on its own
+        info["first_run_s"] = time.perf_counter() - t1
         samples = measure(
             infer,
             warmup=args.warmup,
@@ -406,7 +838,28 @@ def run(args):
         raise RunnerFailure(
             EXIT_INFER, "inference_failed", f"inference failed: {first_line(exc)}"
         ) from None
-    profile_file = finish()
+    memory = {
+        "rss_before_load": rss_before,
+        "rss_after_load": rss_after,
+        "rss_growth_load": (rss_after - rss_before)
+        if rss_before is not None and rss_after is not None
+        else None,
+        "peak_rss": peak_rss_mb(),
+    }
+    profile_file, placement = finish()
+    info["placement"] = placement
+    result["ort_profile"] = os.path.abspath(profile_file) if profile_file else None
+    result["system_load"] = (load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    return finish_result(
+        result, args, model_path, np, info, samples, cpu_samples, load_s, pinned, t_start, memory
+    )
+
+
+def finish_result(
+    result, args, model_path, np, info, samples, cpu_samples, load_s, pinned, t_start, memory
+):
+    """The runner's JSON result from the timed samples (seconds) and what the run recorded."""
+    load_before, load_after = result.pop("system_load", (None, None))
     total = sum(samples)
     result.update(
         {
@@ -425,18 +878,11 @@ def run(args):
             "duration_s": total,
             "latency_ms": summarize(samples),
             "samples_ms": [s * 1000.0 for s in samples],
-            "cpu_ms": summarize(cpu_samples),
+            "cpu_ms": summarize(cpu_samples) if cpu_samples else {},
             "cpu_samples_ms": [s * 1000.0 for s in cpu_samples],
             "throughput_ips": len(samples) / total if total > 0 else None,
-            "memory_mb": {
-                "rss_before_load": rss_before,
-                "rss_after_load": rss_after,
-                "rss_growth_load": (rss_after - rss_before)
-                if rss_before is not None and rss_after is not None
-                else None,
-                "peak_rss": peak_rss_mb(),
-            },
-            "ort_profile": os.path.abspath(profile_file) if profile_file else None,
+            "memory_mb": memory,
+            "ort_profile": result.get("ort_profile"),
             "system": {
                 "machine": platform.machine(),
                 "platform": platform.platform(),
@@ -444,7 +890,7 @@ def run(args):
                 "numpy": np.__version__,
                 "cpu_count": os.cpu_count(),
                 "loadavg_1m_before": load_before,
-                "loadavg_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                "loadavg_1m_after": load_after,
             },
             "wall_s": time.perf_counter() - t_start,
         }
@@ -462,10 +908,37 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv):
     p = _Parser(description="time one ONNX/TFLite model and print a JSON result")
     p.add_argument("model", help="model file (.onnx or .tflite)")
-    p.add_argument("--runtime", choices=("auto", "onnxruntime", "tflite"), default="auto")
+    p.add_argument(
+        "--runtime", choices=("auto", "onnxruntime", "tflite", "trtexec"), default="auto"
+    )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = runtime default)")
     p.add_argument(
         "--providers", default="", help="comma-separated ORT execution providers, preferred first"
+    )
+    p.add_argument(
+        "--strict-providers",
+        action="store_true",
+        help="fail when any listed provider is missing instead of falling back to the others",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="TensorRT precision (fp16/int8 enable those kernels; int8 wants a QDQ model)",
+    )
+    p.add_argument(
+        "--trt-cache",
+        default=None,
+        help="folder on this board for TensorRT engines and timing caches, kept between runs",
+    )
+    p.add_argument("--workspace-mb", type=int, default=0, help="TensorRT builder workspace")
+    p.add_argument("--trtexec", default=None, help="trtexec path (runtime trtexec)")
+    p.add_argument("--trt-version", default="", help="TensorRT version (trtexec workspace flag)")
+    p.add_argument(
+        "--no-placement",
+        dest="placement",
+        action="store_false",
+        help="skip recording which provider ran each node (one extra profiled run)",
     )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=None, help="timed runs (at least)")
@@ -494,9 +967,14 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.runs is None and args.min_duration <= 0:
         args.runs = 50
-    if (args.runs is not None and args.runs < 1) or args.warmup < 0 or args.threads < 0:
+    if (
+        (args.runs is not None and args.runs < 1)
+        or args.warmup < 0
+        or args.threads < 0
+        or args.workspace_mb < 0
+    ):
         raise RunnerFailure(
-            EXIT_ARGS, "bad_arguments", "runs must be >= 1, warmup and threads >= 0"
+            EXIT_ARGS, "bad_arguments", "runs must be >= 1, warmup, threads and workspace >= 0"
         )
     return args
 
