@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="", help="prune: comma-separated ToD levels")
     ap.add_argument("--samples-per-class", type=int, default=32)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="metrics: BatchNorm momentum 0, so their train-mode R passes cannot move running stats",
+    )
     args = ap.parse_args(argv)
     from Network_Pruner import FAIR_Pruner as fp
 
@@ -59,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     log = io.StringIO()
     metrics_json = args.out / "metrics.json"
     if args.mode == "metrics":
+        if args.freeze_bn:
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                    mod.momentum = 0.0
         loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=False)
         random.seed(0)
         torch.manual_seed(0)
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 "D_order": [int(i) for i in results[f"D_{j}_s2b_idx"]],
                 "RE_order": [int(i) for i in results[f"RE_{j}_hat_s2b_idx"]],
             }
+        bn = {k: v.numpy() for k, v in model.state_dict().items() if "running_" in k}
+        np.savez(args.out / "bn_after.npz", **bn)  # BatchNorm statistics their passes left behind
         tmp = metrics_json.with_suffix(".tmp")
         tmp.write_text(json.dumps(out))
         tmp.replace(metrics_json)  # atomic: a killed run leaves no half file
