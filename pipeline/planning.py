@@ -9,6 +9,7 @@ are not pruned. Re-planning never re-scores: every per-layer ToD curve is comput
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -303,16 +304,22 @@ def plan_for_budget(
     if floor > t:
         return _below_floor(scores, targets, held, float(alphas[0]), groups, cost, metric, t,
                             floor, controls=controls)  # fmt: skip
-    lo, hi = 0, alphas.size - 1  # removed(alphas[hi]) >= t
+    best, got = removed(alphas[_first_meeting(alphas, lambda a: removed(a)[1], t)])
+    best.method["budget"] = {"metric": metric, "target": t, "achieved": got}
+    return best
+
+
+def _first_meeting(values: np.ndarray, share: Callable[[float], float], target: float) -> int:
+    """Index of the first of the ascending `values` whose removed share reaches `target`, by
+    bisection (the share only grows along `values`; the last one is known to reach it)."""
+    lo, hi = 0, values.size - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if removed(alphas[mid])[1] >= t:
+        if share(float(values[mid])) >= target:
             hi = mid
         else:
             lo = mid + 1
-    best, got = removed(alphas[hi])
-    best.method["budget"] = {"metric": metric, "target": t, "achieved": got}
-    return best
+    return hi
 
 
 def scale_breakpoints(targets: list[_Target], alpha: float) -> np.ndarray:
@@ -347,14 +354,8 @@ def _below_floor(
         p = _build(scores, targets, held, alpha, groups, scale=s, controls=controls)
         return p, 1.0 - float(cost.remaining(p)[metric])
 
-    scales = scale_breakpoints(targets, alpha)
-    lo, hi = 0, scales.size - 1  # removed(scales[-1] = 1.0) = floor > target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if removed(scales[mid])[1] >= target:
-            hi = mid
-        else:
-            lo = mid + 1
+    scales = scale_breakpoints(targets, alpha)  # removed(scales[-1] = 1.0) = floor > target
+    hi = _first_meeting(scales, lambda x: removed(x)[1], target)
     best, got = removed(scales[hi])
     best.method["budget"] = {"metric": metric, "target": target, "achieved": got}
     best.method["light"] = {
