@@ -68,9 +68,11 @@ X1 = torch.zeros(1, 1, 28, 28)
 class Context:
     """One trained network with its export, groups, exact cost model and test set."""
 
-    def __init__(self, name: str, test: CalibrationSet, calib: CalibrationSet) -> None:
+    def __init__(
+        self, name: str, test: CalibrationSet, calib: CalibrationSet, seed: int = 0
+    ) -> None:
         self.name = name
-        self.model, self.meta = trained(name, progress=False)
+        self.model, self.meta = trained(name, progress=False, seed=seed)
         self.test, self.calib = test, calib
         self.onnx = export_onnx(self.model, X1, None)
         self.groups = find_groups(self.onnx)
