@@ -129,6 +129,8 @@ def _resized(build: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
             mod._buffers[attr] = t.clone()
     for mod in build.modules():
         if isinstance(mod, nn.Conv2d):
+            if mod.groups > 1 and mod.groups == mod.out_channels:  # depthwise stays depthwise
+                mod.groups = mod.weight.shape[0]
             mod.out_channels = mod.weight.shape[0]
             mod.in_channels = mod.weight.shape[1] * mod.groups
         elif isinstance(mod, nn.BatchNorm2d):

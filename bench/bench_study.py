@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -123,26 +122,32 @@ def run(args: argparse.Namespace, out: dict[str, Any], save: Any) -> None:
     out["recovery_config"] = cfg.to_json()
     students: dict[tuple[str, int, float, str], nn.Module] = {}
     contexts: dict[tuple[str, int], Context] = {}
+    done = {tuple(r[k] for k in key_names()) for r in out["rows"] if "top1_bn" in r}
     for name in args.models:
         for seed in args.seeds:
             ctx = Context(name, test, calib, seed=seed)
             contexts[name, seed] = ctx
-            net = {"model": name, "seed": seed, "base_top1": evaluate(ctx.model, test),
-                   "base_flops": ctx.base.flops, "trained": ctx.meta}  # fmt: skip
-            out["nets"].append(net)
-            t0 = time.perf_counter()
-            print(f"[{name} seed {seed}] base {net['base_top1']:.4f}; scoring", flush=True)
-            scores = {}
-            for var, (where, compat) in SCORING.items():
-                scores[var] = score(ctx.model, calib, samples_per_class=SPC, where=where, seed=0,
-                                    reference_compat=compat, progress=False)  # fmt: skip
-            net["score_seconds"] = round(time.perf_counter() - t0, 1)
+            resumed = all((name, seed, lv, m) in done for lv in args.levels for m in METHODS)
+            if not any(n["model"] == name and n["seed"] == seed for n in out["nets"]):
+                out["nets"].append({"model": name, "seed": seed, "trained": ctx.meta,
+                                    "base_top1": evaluate(ctx.model, test),
+                                    "base_flops": ctx.base.flops})  # fmt: skip
+            print(f"[{name} seed {seed}] scoring (resumed: {resumed})", flush=True)
+            if not resumed:  # measured again in full
+                out["rows"] = [r for r in out["rows"] if (r["model"], r["seed"]) != (name, seed)]
+            variants = ["fair"] if resumed else list(SCORING)
+            scores = {v: score(ctx.model, calib, samples_per_class=SPC, where=SCORING[v][0], seed=0,
+                               reference_compat=SCORING[v][1], progress=False)
+                      for v in variants}  # fmt: skip
             layers = scores["fair"].names()
             l1, rnd = l1_importance(ctx.model, layers), random_importance(ctx.model, layers, seed=0)
             for level in args.levels:
                 base = {"model": name, "seed": seed, "level": level}
                 try:
-                    plans = plans_for_level(ctx, level, scores, l1, rnd)
+                    if resumed:  # only the models recovery needs, rebuilt the same way
+                        plans = make_plans(ctx, level, scores["fair"], l1, rnd)
+                    else:
+                        plans = plans_for_level(ctx, level, scores, l1, rnd)
                 except PlanError as exc:
                     out["rows"].append({**base, "method": "?", "error": str(exc)})
                     continue
@@ -150,14 +155,21 @@ def run(args: argparse.Namespace, out: dict[str, Any], save: Any) -> None:
                         for m, p, extra in plans]  # fmt: skip
                 todo.append(("torch-pruning", *tp_pruned(ctx, plans[1][2]["target"])))
                 for method, pruned, extra in todo:
+                    if resumed:
+                        if pruned is not None and method in args.recover_methods:
+                            students[name, seed, level, method] = recalibrate(pruned, calib)
+                        continue
                     row = {
                         **base,
                         "method": method,
                         **{k: v for k, v in extra.items() if k != "tp"},
                     }
                     if pruned is not None:
-                        measured, students[name, seed, level, method] = one_shot(ctx, pruned)
-                        row |= measured
+                        try:
+                            measured, students[name, seed, level, method] = one_shot(ctx, pruned)
+                            row |= measured
+                        except Exception as exc:  # one failing peer must not end the study
+                            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     out["rows"].append(row)
                     print(json.dumps(row), flush=True)
                     save()
@@ -315,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-methods", default="fair,uniform-l1,uniform-random,torch-pruning")
     ap.add_argument("--recover-seeds", default="0")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true", help="keep the measured rows of the JSON")
     ap.add_argument("--report-only", action="store_true", help="rewrite the page from the JSON")
     args = ap.parse_args(argv)
     if args.report_only:
@@ -330,9 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     env = _env(argv)
     env["command"] = "nice -n 5 .venv/bin/python -m bench.bench_study " + " ".join(argv)
+    if args.resume and RESULTS_JSON.exists():
+        prev = json.loads(RESULTS_JSON.read_text())
+        keep = [r for r in prev["rows"] if "top1_bn" in r]  # errors are measured again
+        env["command"] = prev["env"]["command"] + " ; then " + env["command"]
+    else:
+        prev, keep = {"nets": []}, []
     out: dict[str, Any] = {"env": env, "recover_levels": args.recover_levels,
                            "recover_methods": args.recover_methods,
-                           "recover_seeds": args.recover_seeds, "nets": [], "rows": []}  # fmt: skip
+                           "recover_seeds": args.recover_seeds, "nets": prev["nets"], "rows": keep}  # fmt: skip
     run(args, out, lambda: write(out))
     write(out)
     print(RESULTS_MD.read_text())
