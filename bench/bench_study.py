@@ -238,7 +238,10 @@ def _verdict(by: dict[str, list[dict]], stage: str, label: str) -> str | None:
                                       sorted(lost.items(), key=lambda t: -t[1]))  # fmt: skip
         if won:
             s += "; at/above " + ", ".join(sorted(won))
-    s += f". Best FAIR variant: {best_var[0]} {best_var[1]:.4f}; best overall: {best_all[0]} "
+    n_var = sum(mean(m) is not None for m in VARIANTS)
+    if n_var > 1:
+        s += f". Best of {n_var} FAIR variants: {best_var[0]} {best_var[1]:.4f}"
+    s += f"; best overall: {best_all[0]} "
     return s + f"{best_all[1]:.4f}."
 
 
