@@ -68,9 +68,11 @@ X1 = torch.zeros(1, 1, 28, 28)
 class Context:
     """One trained network with its export, groups, exact cost model and test set."""
 
-    def __init__(self, name: str, test: CalibrationSet, calib: CalibrationSet) -> None:
+    def __init__(
+        self, name: str, test: CalibrationSet, calib: CalibrationSet, seed: int = 0
+    ) -> None:
         self.name = name
-        self.model, self.meta = trained(name, progress=False)
+        self.model, self.meta = trained(name, progress=False, seed=seed)
         self.test, self.calib = test, calib
         self.onnx = export_onnx(self.model, X1, None)
         self.groups = find_groups(self.onnx)
@@ -127,6 +129,8 @@ def _resized(build: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
             mod._buffers[attr] = t.clone()
     for mod in build.modules():
         if isinstance(mod, nn.Conv2d):
+            if mod.groups > 1 and mod.groups == mod.out_channels:  # depthwise stays depthwise
+                mod.groups = mod.weight.shape[0]
             mod.out_channels = mod.weight.shape[0]
             mod.in_channels = mod.weight.shape[1] * mod.groups
         elif isinstance(mod, nn.BatchNorm2d):
