@@ -30,6 +30,22 @@ BENCHMARKS: tuple[tuple[str, list[str], str], ...] = (
     ("bench.bench_latency", ["--out", "bench/RESULTS-latency.md"], ""),
     ("bench.bench_accuracy", ["--models", "vgg,resnet", "--finetune-samples", "2000"], ""),
     ("bench.accuracy_effnet", [], ""),
+    (
+        "bench.bench_study",
+        [
+            "--models",
+            "vgg,resnet,mobilenet",
+            "--seeds",
+            "0",
+            "--levels",
+            "0.5,0.7",
+            "--steps",
+            "50",
+            "--recover-levels",
+            "0.5,0.7",
+        ],
+        "",
+    ),
 )
 
 
