@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from calibration.data import NORMALIZE_PRESETS, RESIZE_MODES
 from calibration.errors import FairEdgeError
+from calibration.presets import NORMALIZE_PRESETS, RESIZE_MODES
 
 RUNTIMES = ("auto", "onnx", "tflite")
 QUANTIZE = ("none", "int8", "fp16")

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from calibration.data import NORMALIZE_PRESETS, CalibrationSet, Preprocessing
+from calibration.data import CalibrationSet, Preprocessing
 from calibration.errors import CalibrationError
+from calibration.presets import NORMALIZE_PRESETS
 from fair_edge.config import Options
 
 IMAGE_OPTIONS = ("image_size", "channels", "mean", "std", "normalize", "labels_file")
