@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from exporters.attention import IN_PROJ, Attention, find_attentions
 from exporters.shape_probe import eval_with_shape, fixed_values
 from pipeline.groups import ChannelGroup
 from pipeline.plan import LayerPlan, Plan, PlanError
@@ -366,7 +367,10 @@ def _fill_symbolic(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) 
 
 
 def layer_name_of(weight: str) -> str | None:
-    """'features.0.0.weight' -> 'features.0.0'; exporter-made names ('onnx::...') have none."""
+    """'features.0.0.weight' -> 'features.0.0'; exporter-made names ('onnx::...') have none.
+    nn.MultiheadAttention's packed 'attn.in_proj_weight' names the attention module 'attn'."""
+    if weight.endswith(IN_PROJ) and not weight.startswith("onnx::"):
+        return weight[: -len(IN_PROJ)]
     if weight.startswith("onnx::") or not weight.endswith(".weight"):
         return None
     return weight[: -len(".weight")]
@@ -405,6 +409,11 @@ class ChannelGraph:
         self.producers: dict[str, Producer] = {}
         self.node_info: dict[int, NodeInfo] = {}
         self._freezes: list[tuple[np.ndarray, str]] = []
+        self.attentions, self._attn_failed = find_attentions(self)
+        self._attn_by_qkv = {a.qkv: a for a in self.attentions.values()}
+        self._attn_by_weight = {a.weight: a for a in self.attentions.values()}
+        for a in self.attentions.values():
+            self._handled.update(a.core)
         self._analyse()
         self.heads = self._output_heads()
         self._finalise()
@@ -497,6 +506,13 @@ class ChannelGraph:
         self.producers[weight] = Producer(weight, layer, node.op_type, node_idx, ids)
         if layer is None:
             self.freeze(ids, f"{node.op_type} weight {weight!r} has no torch parameter name")
+        if weight in self._attn_failed:
+            self.freeze(ids, self._attn_failed[weight])
+        att = self.attentions.get(node_idx)
+        if att is not None and att.weight == weight:
+            for h in range(att.heads):  # a head is one unit: its q, k and v rows go together
+                chans = ids[att.head_channels(h)]
+                self._union(np.full(len(chans), chans[0]), chans)
         return ChanDesc(1, ids)
 
     def _freeze_inputs(self, node: onnx.NodeProto, reason: str) -> None:
@@ -522,8 +538,27 @@ class ChannelGraph:
                 self._unknown(
                     node, f"{node.op_type} node {node.name!r} could not be analysed ({exc})"
                 )
+            for o in node.output:
+                if o in self._attn_by_qkv:
+                    self._attention_out(self._attn_by_qkv[o])
         for out in self.model.graph.output:
             self.freeze(self.descs.get(out.name), f"channels reach the model output {out.name!r}")
+
+    def _attention_out(self, att: Attention) -> None:
+        """The core's output carries the v channels (head-major), which the out-projection
+        reads; every core node's cost scales with the kept heads."""
+        d = self.descs.get(att.qkv)
+        r, ro = self._rank(att.qkv), self._rank(att.out)
+        e = att.embed
+        if d is None or r is None or ro is None:
+            return
+        if d.axis != r - 1 or d.block != 1 or len(d.ids) != 3 * e:
+            self.freeze(d, f"attention {att.module!r}: q|k|v channels are not on the last axis")
+            return
+        v = ChanDesc(ro - 1, d.ids[2 * e :])
+        self.descs[att.out] = v
+        for k in att.core:
+            self.node_info[k] = NodeInfo("attn", None, v)
 
     def _unknown(self, node: onnx.NodeProto, reason: str | None = None) -> None:
         reason = (
@@ -1366,8 +1401,26 @@ class ChannelGraph:
             gi.segments = segs
             gi.group.extra["conv_groups"] = [x.tolist() for x in segs]
 
+    def _attention_group(self, prod: Producer, att: Attention) -> GroupInfo:
+        """One unit per head: the roots of each head's first q channel, in head order."""
+        roots = self.root[prod.ids[[att.head_channels(h)[0] for h in range(att.heads)]]]
+        reason = next(
+            (self.frozen_reason[r] for r in roots.tolist() if r in self.frozen_reason), ""
+        )
+        if len(np.unique(roots)) != att.heads:
+            reason = reason or f"heads of attention {att.module!r} are coupled with each other"
+        extra: dict[str, Any] = {
+            "ops": [prod.op],
+            "attention": {"heads": att.heads, "head_dim": att.head_dim},
+        }
+        group = ChannelGroup(att.module, [att.module], att.heads, bool(reason), reason, extra)
+        return GroupInfo(group, roots, {att.module: np.arange(att.heads)})
+
     def _make_group(self, members: list[Producer]) -> GroupInfo:
         first = members[0]
+        att = self._attn_by_weight.get(first.weight)
+        if att is not None and len(members) == 1:
+            return self._attention_group(first, att)
         roots = self.root[first.ids]
         names = [m.layer or m.weight for m in members]
         reason = ""

@@ -20,7 +20,8 @@ def random_plan(
     """Remove round(fraction * n) random channels (at most n - 1) of every non-frozen group.
 
     With `multiple` > 1 the kept count is rounded to a multiple of it (when the group has more
-    than `multiple` channels), as hardware-friendly widths are.
+    than `multiple` channels), as hardware-friendly widths are; an attention group's kept heads
+    are rounded so their channels are.
 
     Coupled members get the same group channels, translated by their index maps when the
     group records non-identity maps (ChannelGroup.extra['index_maps']).
@@ -31,8 +32,10 @@ def random_plan(
         if g.frozen or g.n_channels < 2:
             continue
         k = min(int(round(fraction * g.n_channels)), g.n_channels - 1)
-        if multiple > 1 and g.n_channels > multiple:
-            kept = max(multiple, int(round((g.n_channels - k) / multiple)) * multiple)
+        head_dim = int((g.extra.get("attention") or {}).get("head_dim", 1))
+        mult = multiple // math.gcd(head_dim, multiple)  # units are heads of head_dim channels
+        if mult > 1 and g.n_channels > mult:
+            kept = max(mult, int(round((g.n_channels - k) / mult)) * mult)
             k = g.n_channels - min(kept, g.n_channels)
         if k <= 0:
             continue

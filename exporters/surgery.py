@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from calibration.fileio import atomic_write_bytes
+from exporters.attention import core_nodes
 from exporters.costs import count_cost
 from exporters.errors import SurgeryError
 from exporters.graph_groups import (
@@ -227,9 +228,38 @@ def build_pruned(graph: ChannelGraph, pruned: np.ndarray) -> onnx.ModelProto:
         arr = np.array(graph.const(graph.nodes[ni].input[1]), copy=True)
         arr[axis] = int(graph.kept(desc, pruned).sum()) * desc.block
         w.fresh(node, 1, arr)
+    _rebuild_attention(graph, pruned, model, w)
     w.write_initializers()
     del model.graph.value_info[:]
     return _finish(model)
+
+
+def _rebuild_attention(
+    graph: ChannelGraph, pruned: np.ndarray, model: onnx.ModelProto, w: _Writer
+) -> None:
+    """Replace each attention core that lost heads by the same attention over the kept heads
+    (exporters.attention); its output keeps its name, the old core becomes dead and is dropped."""
+    for att in graph.attentions.values():
+        desc = graph.descs.get(att.out)
+        if desc is None:
+            continue
+        kept = int(graph.kept(desc, pruned).sum()) // att.head_dim
+        if kept == att.heads:
+            continue
+        old = model.graph.node[graph._producer_idx[att.out]]
+        old.output[0] = f"{att.out}__fe_replaced"
+        nodes, inits = core_nodes(
+            f"fe_attention_{att.in_node}",
+            att.qkv,
+            att.out,
+            len(graph.shapes[att.qkv]),
+            kept,
+            att.head_dim,
+            att.seq_axis,
+            att.merged,
+        )
+        model.graph.node.extend(nodes)
+        w.added.extend(inits)
 
 
 def _finish(model: onnx.ModelProto) -> onnx.ModelProto:

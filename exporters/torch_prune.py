@@ -20,6 +20,7 @@ from torch import nn
 from exporters.errors import SurgeryError
 from exporters.graph_groups import ChannelGraph, grouped_weight
 from exporters.onnx_export import export_onnx, flat_outputs
+from exporters.torch_attention import replace_attention
 from exporters.verify import DEFAULT_TOL, GraphWeights, _Runner, masked_original
 from pipeline.plan import Plan, PlanError
 
@@ -109,6 +110,11 @@ def prune_torch(
     }
     for prefix in touched:
         _fix_attributes(new.get_submodule(prefix))
+    for att in graph.attentions.values():
+        desc = graph.descs.get(att.out)
+        kept = att.heads if desc is None else int(graph.kept(desc, pruned).sum()) // att.head_dim
+        if kept < att.heads:
+            replace_attention(new, att.module, kept)
     if verify:
         _check(graph, pruned, new, x, tol)
     return new

@@ -12,6 +12,9 @@ count of every layer (or coupled group) to a multiple of the device's channel mu
 - the channels of a grouped convolution (ChannelGroup.extra["conv_groups"]) keep the same count
   in every conv group: that count is rounded to a multiple of m / gcd(groups, m), within each
   conv group by U.
+- an attention group's units are heads of head_dim channels each (ChannelGroup.extra
+  ["attention"]): its kept head count is rounded to a multiple of m / gcd(head_dim, m), so the
+  kept channels are a multiple of m (any head count when head_dim is a multiple of m).
 
 Allowed kept counts for a layer of n units and multiple m are the multiples of m in [m, n], plus
 n itself (the layer untouched: its original shape, whatever n is). So a layer never empties, a
@@ -135,16 +138,17 @@ def _moved_by_segment(
 
 def _units(
     plan: Plan, groups: list[ChannelGroup] | None
-) -> list[tuple[list[str], bool, list[list[int]] | None]]:
-    """Rounding units: (member layer names, frozen, conv groups) for each group with members
-    in the plan, then each remaining layer on its own."""
-    units: list[tuple[list[str], bool, list[list[int]] | None]] = []
+) -> list[tuple[list[str], bool, list[list[int]] | None, int]]:
+    """Rounding units: (member layer names, frozen, conv groups, channels per unit) for each
+    group with members in the plan, then each remaining layer on its own."""
+    units: list[tuple[list[str], bool, list[list[int]] | None, int]] = []
     grouped: set[str] = set()
     by_name = {g.name: g for g in (groups if groups is not None else plan.groups)}
     for g in by_name.values():
         members = [m for m in g.members if m in plan.layers]
         if members:
-            units.append((members, g.frozen, g.extra.get("conv_groups")))
+            per = int((g.extra.get("attention") or {}).get("head_dim", 1))
+            units.append((members, g.frozen, g.extra.get("conv_groups"), per))
             grouped.update(members)
     # Layers that name a group the caller did not pass still move together.
     tagged: dict[str, list[str]] = {}
@@ -152,9 +156,9 @@ def _units(
         if name not in grouped and lp.group is not None:
             tagged.setdefault(lp.group, []).append(name)
     for members in tagged.values():
-        units.append((members, False, None))
+        units.append((members, False, None, 1))
         grouped.update(members)
-    units += [([name], False, None) for name in plan.layers if name not in grouped]
+    units += [([name], False, None, 1) for name in plan.layers if name not in grouped]
     return units
 
 
@@ -185,7 +189,7 @@ def round_plan(
     changed = 0
     controls = out.method.get("controls")
     max_pruned = dict(controls.get("max_pruned") or {}) if isinstance(controls, Mapping) else {}
-    for members, frozen, segments in _units(out, groups):
+    for members, frozen, segments, per in _units(out, groups):
         if frozen:  # held as they are (members may differ in width, e.g. a residual on a split)
             continue
         lps: list[LayerPlan] = [out.layers[m] for m in members]
@@ -210,10 +214,11 @@ def round_plan(
             if sorted(new_pruned) == sorted(lps[0].pruned):
                 continue
         else:
-            target = rounded_count(kept, n, multiple, mode)
+            step = multiple // math.gcd(per, multiple)  # an attention head is `per` channels
+            target = rounded_count(kept, n, step, mode)
             caps = [int(max_pruned[m]) for m in members if m in max_pruned]
             if caps and n - target > min(caps):
-                target = rounded_count(n - min(caps), n, multiple, "up")
+                target = rounded_count(n - min(caps), n, step, "up")
             if target == kept:
                 continue
             new_pruned = _moved(lps[0].pruned, u, target)

@@ -1,0 +1,202 @@
+"""Attention heads (torchvision ViT, nn.MultiheadAttention): a head is one unit, removed exactly.
+
+A DeiT-Tiny-shaped but small ViT (2 layers, 4 heads of 8) keeps the tests fast; the surgery is
+verified against the masked original, the torch module pruned by the same plan matches the
+pruned ONNX model, and a misplaced head is shown to fail verification.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from exporters.attention import attention_np
+from exporters.errors import VerificationError
+from exporters.graph_groups import ChannelGraph
+from exporters.onnx_export import export_onnx
+from exporters.random_plan import random_plan
+from exporters.surgery import apply_plan
+from exporters.torch_attention import HeadPrunedAttention
+from exporters.torch_prune import prune_torch
+from exporters.verify import (
+    GraphWeights,
+    compare_models,
+    compare_tensors,
+    masked_original,
+    ort_session,
+    random_inputs,
+)
+from pipeline.plan import LayerPlan, ModelFingerprint
+from pipeline.zoo import import_torchvision
+
+ATTN0 = "encoder.layers.encoder_layer_0.self_attention"
+
+
+def small_vit() -> nn.Module:
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    model = tv.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )  # fmt: skip
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts it at zero
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    model = small_vit()
+    x = torch.randn(1, 3, 32, 32)
+    proto = export_onnx(model, x, None)
+    return model, x, proto, ChannelGraph(proto)
+
+
+class PlainAttention(nn.Module):
+    """nn.MultiheadAttention as most code calls it: sequence-first, attention weights asked for
+    (and dropped), followed by a classifier."""
+
+    def __init__(self, return_weights: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 24)
+        self.attn = nn.MultiheadAttention(24, 6)
+        self.head = nn.Linear(24, 5)
+        self.return_weights = return_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x).transpose(0, 1)  # [B, L, 6] -> [L, B, 24]
+        out, w = self.attn(h, h, h)
+        y = self.head(out.mean(dim=0))
+        return (y, w) if self.return_weights else y
+
+
+def _plan(model: nn.Module, graph: ChannelGraph, heads: dict[str, list[int]]):
+    plan = random_plan([], 0.0, seed=0, fingerprint=ModelFingerprint.from_model(model))
+    for name, pruned in heads.items():
+        n = next(g.n_channels for g in graph.channel_groups if g.name == name)
+        plan.layers[name] = LayerPlan(name, n, pruned)
+    return plan
+
+
+def test_heads_are_units_and_mlp_hidden_units_stay_prunable(vit):
+    _, _, _, graph = vit
+    groups = {g.name: g for g in graph.channel_groups}
+    for k in range(2):
+        g = groups[f"encoder.layers.encoder_layer_{k}.self_attention"]
+        assert not g.frozen and g.n_channels == 4
+        assert g.extra["attention"] == {"heads": 4, "head_dim": 8}
+        assert not groups[f"encoder.layers.encoder_layer_{k}.mlp.0"].frozen
+    assert sum(not g.frozen for g in groups.values()) == 4
+    att = next(a for a in graph.attentions.values() if a.module == ATTN0)
+    assert (att.heads, att.head_dim, att.seq_axis, att.merged) == (4, 8, 0, True)
+
+
+def test_random_plan_verified_and_torch_matches_pruned_onnx(vit):
+    model, x, proto, graph = vit
+    plan = random_plan(graph.channel_groups, 0.3, seed=0,
+                       fingerprint=ModelFingerprint.from_model(model))  # fmt: skip
+    assert plan.layers[ATTN0].pruned == [3]
+    pruned, report = apply_plan(proto, plan, graph=graph)
+    v = report.verification
+    assert v["max_abs_diff"] <= v["bound"] and v["max_abs_ref"] > 1 and v["tensors_compared"] > 40
+    w = next(t for t in pruned.graph.initializer if t.name == f"{ATTN0}.in_proj_weight")
+    assert list(w.dims) == [3 * 24, 32]  # three heads of 8 kept; the input width is unchanged
+    assert report.params_after < report.params_before
+    assert report.flops_after < report.flops_before
+    small = prune_torch(model, plan, x, onnx_model=proto)
+    attn = small.get_submodule(ATTN0)
+    assert isinstance(attn, HeadPrunedAttention) and attn.num_heads == 3 and attn.head_dim == 8
+    xs = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = small(xs).numpy()
+    got = ort_session(pruned).run(None, {"input": xs.numpy()})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("block", [0, 2], ids=["query", "value"])
+def test_a_misplaced_head_fails_verification(vit, block):
+    """The pruned in-projection keeps the removed head's query (or value) rows in place of a
+    kept head's: the attention output tensor differs, and so does the model output."""
+    model, _, proto, graph = vit
+    plan = _plan(model, graph, {ATTN0: [1]})
+    pruned, _ = apply_plan(proto, plan, graph=graph)
+    target = next(t for t in pruned.graph.initializer if t.name == f"{ATTN0}.in_proj_weight")
+    w = numpy_helper.to_array(target).copy()
+    orig = graph.const(f"{ATTN0}.in_proj_weight")
+    w[block * 24 + 16 : block * 24 + 24] = orig[block * 32 + 8 : block * 32 + 16]  # head 1, not 3
+    target.CopyFrom(numpy_helper.from_array(w, target.name))
+    mask = graph.pruned_roots(plan)
+    masked = masked_original(graph, mask, weights=False)
+    with pytest.raises(VerificationError, match="at tensor"):
+        compare_tensors(graph, mask, masked, pruned, random_inputs(pruned, seed=1),
+                        reference_weights=GraphWeights(graph))  # fmt: skip
+    with pytest.raises(VerificationError, match="differs from the masked original"):
+        compare_models(masked, pruned, reference_weights=GraphWeights(graph), tol=1e-5)
+
+
+def test_the_masked_original_is_the_model_without_the_head(vit):
+    """Masking a head equals dropping its out-projection columns in torch; zeroing only its
+    query and key rows does not remove it (softmax of zeros is uniform attention)."""
+    model, _, proto, graph = vit
+    plan = _plan(model, graph, {ATTN0: [2]})
+    mask = graph.pruned_roots(plan)
+    feed = random_inputs(proto, seed=3)
+    sess = ort_session(masked_original(graph, mask))
+    masked = sess.run(None, feed)[0]
+    attn = model.get_submodule(ATTN0)
+    cols = slice(16, 24)
+    x = torch.from_numpy(feed["input"])
+    with torch.no_grad():
+        saved = attn.out_proj.weight[:, cols].clone()
+        attn.out_proj.weight[:, cols] = 0
+        without = model(x).numpy()
+        attn.out_proj.weight[:, cols] = saved
+        qk = attn.in_proj_weight[[*range(16, 24), *range(48, 56)]].clone()
+        attn.in_proj_weight[[*range(16, 24), *range(48, 56)]] = 0
+        qk_zeroed = model(x).numpy()
+        attn.in_proj_weight[[*range(16, 24), *range(48, 56)]] = qk
+    np.testing.assert_allclose(masked, without, atol=1e-4)
+    assert np.abs(qk_zeroed - without).max() > 1e-2
+
+
+def test_plain_multihead_attention_heads_verified_and_torch_matches():
+    torch.manual_seed(0)
+    model = PlainAttention().eval()
+    x = torch.randn(2, 7, 6)
+    proto = export_onnx(model, x, None)
+    graph = ChannelGraph(proto)
+    g = next(g for g in graph.channel_groups if g.name == "attn")
+    assert not g.frozen and g.extra["attention"] == {"heads": 6, "head_dim": 4}
+    plan = _plan(model, graph, {"attn": [0, 4]})
+    pruned, report = apply_plan(proto, plan, graph=graph)
+    assert report.verification["max_abs_diff"] <= report.verification["bound"]
+    small = prune_torch(model, plan, x, onnx_model=proto)
+    assert small.attn.num_heads == 4
+    xs = torch.randn(3, 7, 6)
+    with torch.no_grad():
+        ref = small(xs).numpy()
+    np.testing.assert_allclose(ort_session(pruned).run(None, {"input": xs.numpy()})[0], ref,
+                               atol=1e-4)  # fmt: skip
+
+
+def test_returned_attention_weights_freeze_the_heads_with_the_reason():
+    torch.manual_seed(0)
+    model = PlainAttention(return_weights=True).eval()
+    graph = ChannelGraph(export_onnx(model, torch.randn(2, 7, 6), None))
+    g = next(g for g in graph.channel_groups if g.name == "attn")
+    assert g.frozen and "not recognised" in g.reason and "outside the attention" in g.reason
+
+
+def test_numpy_attention_matches_torch():
+    """The oracle the core is recognised against is torch's own attention."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, bias=False).eval()
+    h = torch.randn(5, 2, 12)
+    with torch.no_grad():
+        ref, _ = mha(h, h, h, need_weights=False)
+        qkv = (h @ mha.in_proj_weight.T).numpy().astype(np.float64)
+        ctx = attention_np(qkv, 3, 0, merged=False)
+        got = torch.from_numpy(ctx).float() @ mha.out_proj.weight.T
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
