@@ -32,7 +32,7 @@ class LayerScores:
     """U and R of every output unit of one candidate layer (a unit = output channel / feature)."""
 
     name: str
-    kind: str  # 'conv' | 'linear'
+    kind: str  # 'conv' | 'linear' | 'heads' (attention heads of pipeline.attention)
     U: np.ndarray
     R: np.ndarray
     weight_shape: list[int]

@@ -57,6 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.errors import CalibrationError
+from pipeline.attention import HeadOutputs, heads_exposed
 from pipeline.membudget import (
     ACTIVATION_FACTOR,
     STORES,
@@ -73,7 +74,7 @@ from pipeline.recovery import Dist
 from pipeline.scores import LayerScores, Scores, ScoringError
 from pipeline.ustore import FLOAT_BYTES, DiskStore, MemoryStore, UStore
 
-CANDIDATE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+CANDIDATE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, HeadOutputs)
 ACTIVATION_TYPES = (
     nn.ReLU,
     nn.ReLU6,
@@ -497,8 +498,8 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
         producers = _reach([t.grad_fn for t in inputs.get(n, [])], stop)
         graph[n] = {
             "kind": kind,
-            "weight_shape": [int(d) for d in mod.weight.shape],
-            "bias": mod.bias is not None,
+            "weight_shape": _weight_shape(mod),
+            "bias": getattr(mod, "bias", None) is not None,
             "groups": int(getattr(mod, "groups", 1)),
             "positions": int(o.numel() // max(1, o.shape[0] * units)),
             "producers": [p for p in producers if p in candidates],
@@ -534,6 +535,57 @@ def _default_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
             "the model does not return one logits tensor: pass loss=callable(output, labels)"
         )
     return F.cross_entropy(output.float(), target)
+
+
+def _weight_shape(mod: nn.Module) -> list[int]:
+    """A layer's weight shape; for attention heads, the packed in-projection's."""
+    if isinstance(mod, HeadOutputs):
+        return [int(d) for d in mod.in_proj_shape]
+    return [int(d) for d in mod.weight.shape]
+
+
+def _heads_named(scores: Scores, names: dict[str, str], model: nn.Module) -> Scores:
+    """Scores of '<attn>.heads' filed under the attention module '<attn>' (the name its channel
+    group and plan use); a head is one unit. Its out-projection, which nn.MultiheadAttention
+    calls functionally (no hook sees it), is recorded as skipped, fed by the heads."""
+    if not names:
+        return scores
+
+    def rn(n: str) -> str:
+        return names.get(n, n)
+
+    scores.layers = {
+        rn(n): dataclasses.replace(ls, name=rn(n), kind="heads" if n in names else ls.kind)
+        for n, ls in scores.layers.items()
+    }
+    scores.output_layers = [rn(n) for n in scores.output_layers]
+    scores.skipped = {rn(n): why for n, why in scores.skipped.items()}
+    scores.graph = {
+        rn(n): {
+            **g,
+            "kind": "heads" if n in names else g["kind"],
+            "producers": [rn(p) for p in g.get("producers", [])],
+        }
+        for n, g in scores.graph.items()
+    }
+    for attn in names.values():
+        g = scores.graph.get(attn)
+        proj = model.get_submodule(f"{attn}.out_proj" if attn else "out_proj")
+        if g is None or not isinstance(proj, nn.Linear):
+            continue
+        name = f"{attn}.out_proj" if attn else "out_proj"
+        scores.skipped[name] = "nn.MultiheadAttention calls it functionally; its inputs are heads"
+        scores.graph[name] = {
+            "kind": "linear",
+            "weight_shape": [int(d) for d in proj.weight.shape],
+            "bias": proj.bias is not None,
+            "groups": 1,
+            "positions": int(g["positions"] // model.get_submodule(attn).head_dim),
+            "producers": [attn],
+            "per_channel_params": 0,
+            "role": "skipped",
+        }
+    return scores
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -616,74 +668,88 @@ def score(
     want = torch.device(device) if device is not None else mdev
     if want.type != mdev.type or (want.index is not None and want.index != mdev.index):
         raise ScoringError(f"the model is on {mdev} but device={device!r}; move the model first")
-    loss_fn = loss or _default_loss
-    all_candidates = [m for m in model.modules() if isinstance(m, CANDIDATE_TYPES)]
-    if not all_candidates:
-        raise ScoringError("the model has no Conv1d/Conv2d/Linear layer to prune")
-    fork_devices = [mdev] if mdev.type == "cuda" else []
-    with (
-        torch.random.fork_rng(devices=fork_devices),
-        _model_untouched(model, reference_compat, all_candidates),
-    ):
-        torch.manual_seed(seed)
-        model.eval()
-        sel = _select(model, data, samples_per_class, max_classes, seed, mdev, mdtype, batch_size)
-        probe = _probe(model, sel.x[: min(2, sel.x.shape[0])])
-        if not probe.candidates:
-            raise ScoringError(
-                "the model has no prunable layer: every Conv/Linear is the output layer or shared"
+    with heads_exposed(model) as head_names:  # attention heads scored as units
+        loss_fn = loss or _default_loss
+        all_candidates = [m for m in model.modules() if isinstance(m, CANDIDATE_TYPES)]
+        if not all_candidates:
+            raise ScoringError("the model has no Conv1d/Conv2d/Linear layer to prune")
+        fork_devices = [mdev] if mdev.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=fork_devices),
+            _model_untouched(model, reference_compat, all_candidates),
+        ):
+            torch.manual_seed(seed)
+            model.eval()
+            sel = _select(
+                model, data, samples_per_class, max_classes, seed, mdev, mdtype, batch_size
             )
-        if loss is None and probe.logits is not None and max(sel.classes) >= probe.logits:
-            raise CalibrationError(
-                f"label {max(sel.classes)} is out of range for a model with {probe.logits} "
-                "outputs; check the labels (or pass loss=)"
+            probe = _probe(model, sel.x[: min(2, sel.x.shape[0])])
+            if not probe.candidates:
+                raise ScoringError(
+                    "the model has no prunable layer: every Conv/Linear is the output layer or shared"
+                )
+            if loss is None and probe.logits is not None and max(sel.classes) >= probe.logits:
+                raise CalibrationError(
+                    f"label {max(sel.classes)} is out of range for a model with {probe.logits} "
+                    "outputs; check the labels (or pass loss=)"
+                )
+            dist = Dist.current()
+            release_free_memory()  # what the probe pass left behind
+            plan = _memory_plan(probe, sel, projections, batch_size, budget, u_store, mdev, dist)
+            log.info(plan.line())
+            share = _Share.of(sel, plan.batch_size, dist)
+            store = _make_store(plan, share.rows[dist.rank], sel.x.shape[0], mdev)
+            try:
+                model.train(reference_compat)
+                r_signed, positions, where_used = _run_pass(
+                    model,
+                    sel,
+                    probe,
+                    loss_fn,
+                    projections,
+                    seed,
+                    where,
+                    progress,
+                    share,
+                    store,
+                    dist,
+                )
+                util = _utilization(
+                    store, probe.candidates, share, len(sel.classes), mdev, progress, dist
+                )
+            finally:
+                store.close()
+        layers: dict[str, LayerScores] = {}
+        for name in probe.candidates:
+            mod = model.get_submodule(name)
+            layers[name] = LayerScores(
+                name=name,
+                kind=probe.kinds[name],
+                U=util[name].numpy(),
+                R=r_signed[name].abs().cpu().numpy(),
+                weight_shape=_weight_shape(mod),
+                positions=positions[name],
+                where=where_used[name],
+                bn=probe.bn.get(name),
+                act=probe.act.get(name),
             )
-        dist = Dist.current()
-        release_free_memory()  # what the probe pass left behind
-        plan = _memory_plan(probe, sel, projections, batch_size, budget, u_store, mdev, dist)
-        log.info(plan.line())
-        share = _Share.of(sel, plan.batch_size, dist)
-        store = _make_store(plan, share.rows[dist.rank], sel.x.shape[0], mdev)
-        try:
-            model.train(reference_compat)
-            r_signed, positions, where_used = _run_pass(
-                model, sel, probe, loss_fn, projections, seed, where, progress, share, store, dist
-            )
-            util = _utilization(
-                store, probe.candidates, share, len(sel.classes), mdev, progress, dist
-            )
-        finally:
-            store.close()
-    layers: dict[str, LayerScores] = {}
-    for name in probe.candidates:
-        mod = model.get_submodule(name)
-        layers[name] = LayerScores(
-            name=name,
-            kind=probe.kinds[name],
-            U=util[name].numpy(),
-            R=r_signed[name].abs().cpu().numpy(),
-            weight_shape=[int(d) for d in mod.weight.shape],
-            positions=positions[name],
-            where=where_used[name],
-            bn=probe.bn.get(name),
-            act=probe.act.get(name),
+        scores = Scores(
+            layers=layers,
+            fingerprint=ModelFingerprint.from_model(model),
+            where=where,
+            seed=seed,
+            projections=projections,
+            samples_per_class=samples_per_class,
+            classes=sel.classes,
+            class_counts=sel.counts,
+            n_classes_total=sel.n_classes_total,
+            mode="train" if reference_compat else "eval",
+            reference_compat=reference_compat,
+            output_layers=probe.output_layers,
+            skipped=probe.skipped,
+            graph=probe.graph,
         )
-    return Scores(
-        layers=layers,
-        fingerprint=ModelFingerprint.from_model(model),
-        where=where,
-        seed=seed,
-        projections=projections,
-        samples_per_class=samples_per_class,
-        classes=sel.classes,
-        class_counts=sel.counts,
-        n_classes_total=sel.n_classes_total,
-        mode="train" if reference_compat else "eval",
-        reference_compat=reference_compat,
-        output_layers=probe.output_layers,
-        skipped=probe.skipped,
-        graph=probe.graph,
-    )
+    return _heads_named(scores, head_names, model)
 
 
 def _run_pass(

@@ -19,7 +19,6 @@ from exporters.graph_groups import ChannelGraph
 from exporters.onnx_export import export_onnx
 from exporters.random_plan import random_plan
 from exporters.surgery import apply_plan
-from exporters.torch_attention import HeadPrunedAttention
 from exporters.torch_prune import prune_torch
 from exporters.verify import (
     GraphWeights,
@@ -29,17 +28,18 @@ from exporters.verify import (
     ort_session,
     random_inputs,
 )
+from pipeline.attention import HeadPrunedAttention
 from pipeline.plan import LayerPlan, ModelFingerprint
 from pipeline.zoo import import_torchvision
 
 ATTN0 = "encoder.layers.encoder_layer_0.self_attention"
 
 
-def small_vit() -> nn.Module:
+def small_vit(heads: int = 4) -> nn.Module:
     tv = import_torchvision()
     torch.manual_seed(0)
     model = tv.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+        image_size=32, patch_size=8, num_layers=2, num_heads=heads, hidden_dim=32, mlp_dim=64,
         num_classes=10,
     )  # fmt: skip
     nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts it at zero
@@ -200,3 +200,80 @@ def test_numpy_attention_matches_torch():
         ctx = attention_np(qkv, 3, 0, merged=False)
         got = torch.from_numpy(ctx).float() @ mha.out_proj.weight.T
     np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
+
+
+def _head_outputs(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """Per-head attention outputs, batch x heads x (tokens * head_dim), computed from the
+    attention's input and parameters with plain einsums (the obvious form)."""
+    attn = model.get_submodule(name)
+    got: dict[str, torch.Tensor] = {}
+
+    def keep_input(mod: nn.Module, inp: tuple) -> None:
+        got["x"] = inp[0].detach()
+
+    handle = attn.register_forward_pre_hook(keep_input)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    h = got["x"].double()  # [B, L, E] (batch first)
+    w, b = attn.in_proj_weight.double(), attn.in_proj_bias.double()
+    e, nh = attn.embed_dim, attn.num_heads
+    d = e // nh
+    q, k, v = ((h @ w[i * e : (i + 1) * e].T + b[i * e : (i + 1) * e]) for i in range(3))
+    q, k, v = (t.reshape(*t.shape[:2], nh, d) for t in (q, k, v))
+    p = torch.einsum("bqhd,bkhd->bhqk", q, k).div(d**0.5).softmax(-1)
+    ctx = torch.einsum("bhqk,bkhd->bhqd", p, v)
+    return ctx.flatten(2)
+
+
+def test_heads_scored_against_oracles():
+    """U per head is sliced W1 of the head's output; R per head is the Taylor term of its
+    out-projection columns (= a * dL/da on the head's output)."""
+    from test_scoring import interleaved, oracle_u
+
+    from pipeline.scoring import score
+
+    model = small_vit()
+    x, y = interleaved(3, 4, (3, 32, 32))
+    s = score(model, (x, y), samples_per_class=4, projections=6, seed=3, progress=False)
+    assert isinstance(model.get_submodule(ATTN0), nn.MultiheadAttention)  # put back
+    ls = s.layers[ATTN0]
+    assert ls.kind == "heads" and ls.n_units == 4 and ls.positions == 17 * 8
+    acts = _head_outputs(model, x, ATTN0)
+    want_u = oracle_u(acts, "conv", y.numpy(), 3, f"{ATTN0}.heads", 6)
+    np.testing.assert_allclose(ls.U, want_u, rtol=1e-4, atol=1e-7)
+    wo = model.get_submodule(ATTN0).out_proj.weight
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    (g,) = torch.autograd.grad(loss, [wo])
+    want_r = (wo * g).detach().double().reshape(32, 4, 8).sum(dim=(0, 2)).abs().numpy()
+    np.testing.assert_allclose(ls.R, want_r, rtol=1e-3, atol=1e-6 * want_r.max())
+
+
+def test_prune_api_end_to_end_on_the_small_vit():
+    from fair_edge import prune
+
+    model = small_vit(heads=8)
+    x, y = interleaved_digits()
+    mlps = [f"encoder.layers.encoder_layer_{k}.mlp.0" for k in range(2)]  # heads alone
+    res = prune(model, torch.randn(1, 3, 32, 32), (x, y), target=0.1, samples_per_class=4,
+                projections=8, ignore_layers=mlps)  # fmt: skip
+    v = res.surgery.verification
+    assert v["max_abs_diff"] <= v["bound"] and res.flops_kept < 0.9
+    heads = [lp for n, lp in res.plan.layers.items() if n.endswith("self_attention")]
+    assert heads and all(lp.n_units == 8 for lp in heads) and any(lp.pruned for lp in heads)
+    xs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = res.model(xs).numpy()
+    np.testing.assert_allclose(ort_session(res.pruned).run(None, {"input": xs.numpy()})[0], ref,
+                               atol=1e-4)  # fmt: skip
+
+
+def interleaved_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn digits upscaled to 3 x 32 x 32, 3 classes (real data, fast)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.isin(d.target, [0, 1, 2])
+    img = torch.from_numpy(d.images[keep][:48]).float().div(16)[:, None]
+    img = torch.nn.functional.interpolate(img, size=32).repeat(1, 3, 1, 1)
+    return img, torch.from_numpy(d.target[keep][:48])
