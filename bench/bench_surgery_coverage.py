@@ -1,6 +1,11 @@
 """Surgery coverage per architecture family: prunable groups before/after, a verified 30% plan,
 parameters and FLOPs removed, ONNX Runtime CPU latency with and without rounding.
 
+Models are torchvision's (weights=None), plus 'deit_tiny': torchvision's VisionTransformer at
+DeiT-Tiny's size (224, patch 16, 12 layers, 3 heads of 64, MLP 768). A ViT's classifier starts
+at zero in torchvision, which would make every output 0; it is drawn from N(0, 0.02) here so the
+output comparison of the verification sees something.
+
 Run: nice .venv/bin/python -m bench.bench_surgery_coverage [--models ...] [--runs 10]
          [--before /path/to/other/checkout]
 'groups before' runs the channel analysis of another checkout (default: none, column omitted)
@@ -31,7 +36,7 @@ from exporters.onnx_export import export_onnx
 from exporters.random_plan import random_plan
 from exporters.surgery import apply_plan
 from pipeline.plan import ModelFingerprint
-from pipeline.zoo import torchvision_model
+from pipeline.zoo import import_torchvision, torchvision_model
 
 _COUNT = (
     "import json, sys, onnx\n"
@@ -53,6 +58,33 @@ def _counts(path: str, checkout: str) -> list[int]:
         check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _build(name: str) -> torch.nn.Module:
+    if name == "deit_tiny":
+        tv = import_torchvision()
+        model = tv.models.VisionTransformer(
+            image_size=224, patch_size=16, num_layers=12, num_heads=3, hidden_dim=192,
+            mlp_dim=768,
+        )  # fmt: skip
+    else:
+        model = torchvision_model(name)
+    head = getattr(getattr(model, "heads", None), "head", None)
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=0.02)
+    return model.eval()
+
+
+def _attention_note(graph: ChannelGraph, plan: object) -> str:
+    """'12 x 12 heads of 64, 4 removed per layer' for the attention groups of a plan."""
+    atts = list(graph.attentions.values())
+    if not atts:
+        return ""
+    removed = sorted({len(plan.layers[a.module].pruned) for a in atts if a.module in plan.layers})
+    return (
+        f"{len(atts)} attention layers of {atts[0].heads} heads x {atts[0].head_dim}, "
+        f"{'/'.join(map(str, removed)) or 0} heads removed per layer"
+    )
 
 
 def main() -> None:
@@ -81,7 +113,7 @@ def main() -> None:
     feed = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
     for name in args.models:
         torch.manual_seed(0)
-        model = torchvision_model(name).eval()
+        model = _build(name)
         proto = export_onnx(model, torch.randn(1, 3, args.size, args.size), None)
         before = "-"
         if args.before:
@@ -100,6 +132,9 @@ def main() -> None:
             plan = random_plan(groups, 0.3, seed=0, fingerprint=fp, multiple=mult)
             pruned, report = apply_plan(proto, plan)
             results.append((mult, pruned, report))
+            note = _attention_note(graph, plan)
+            if note:
+                print(f"<!-- {name}, kept multiple of {mult}: {note} -->", flush=True)
         lat = _latency([_session(proto)] + [_session(r[1]) for r in results], feed, args.runs)
         for k, (mult, _, r) in enumerate(results):
             v = r.verification

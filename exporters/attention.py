@@ -267,13 +267,11 @@ def _layout(
         return "its core is not plain scaled dot-product attention (a mask, bias_k/v or dropout?)"
     h, s, merged = cands[0]
     for _xv, qv, ref in cases:  # the graph surgery writes must agree too, at every probe
-        nodes, inits = core_nodes("check", qkv, out, rank, h, e // h, s, merged)
         g = helper.make_graph(
-            nodes,
+            core_nodes("check", qkv, out, rank, h, e // h, s, merged),
             "canonical",
             [helper.make_tensor_value_info(qkv, onnx.TensorProto.FLOAT, None)],
             [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
-            inits,
         )
         got = _run(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), {qkv: qv})
         if got.shape != ref.shape or not _close(ref, got):
@@ -294,9 +292,10 @@ def core_nodes(
     head_dim: int,
     seq_axis: int,
     merged: bool,
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """ONNX nodes computing `out` from q|k|v (rank `rank`, [..., 3 * heads * head_dim]) as
-    attention_np does; the constants they need as initializers."""
+) -> list[onnx.NodeProto]:
+    """ONNX nodes (constants included) computing `out` from q|k|v (rank `rank`, [..., 3 *
+    heads * head_dim]) as attention_np does. Like torch's export, q and k^T are each scaled by
+    head_dim ** -0.25, so the pruned core's ops are the original's with fewer heads."""
     e = heads * head_dim
     lead = rank - 1
     batch = [a for a in range(lead) if a != seq_axis]
@@ -305,15 +304,21 @@ def core_nodes(
     def t(s: str) -> str:
         return f"{prefix}/{s}"
 
-    inits = [
-        numpy_helper.from_array(np.array([0] * lead + [3, heads, head_dim], np.int64), t("split")),
-        numpy_helper.from_array(
-            np.array([-1, e] if merged else [0] * lead + [e], np.int64), t("merge")
-        ),
-        numpy_helper.from_array(np.array(1.0 / math.sqrt(head_dim), np.float32), t("scale")),
-    ] + [numpy_helper.from_array(np.array(i, np.int64), t(f"idx{i}")) for i in range(3)]
+    def const(name: str, arr: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node(
+            "Constant",
+            [],
+            [t(name)],
+            name=t(f"Constant_{name}"),
+            value=numpy_helper.from_array(arr),
+        )
+
     back = [nb + 1 if j == seq_axis else batch.index(j) for j in range(lead)] + [nb, nb + 2]
-    nodes = [
+    return [
+        const("split", np.array([0] * lead + [3, heads, head_dim], np.int64)),
+        const("merge", np.array([-1, e] if merged else [0] * lead + [e], np.int64)),
+        const("scale", np.array(head_dim**-0.25, np.float32)),
+        *[const(f"idx{i}", np.array(i, np.int64)) for i in range(3)],
         helper.make_node("Reshape", [qkv, t("split")], [t("heads")], name=t("Reshape_split")),
         helper.make_node(
             "Transpose",
@@ -335,13 +340,13 @@ def core_nodes(
             name=t("Transpose_k"),
             perm=[*range(nb + 1), nb + 2, nb + 1],
         ),
-        helper.make_node("MatMul", [t("q"), t("k_t")], [t("scores")], name=t("MatMul_qk")),
-        helper.make_node("Mul", [t("scores"), t("scale")], [t("scaled")], name=t("Mul_scale")),
-        helper.make_node("Softmax", [t("scaled")], [t("probs")], name=t("Softmax"), axis=-1),
+        helper.make_node("Mul", [t("q"), t("scale")], [t("q_s")], name=t("Mul_q")),
+        helper.make_node("Mul", [t("k_t"), t("scale")], [t("k_s")], name=t("Mul_k")),
+        helper.make_node("MatMul", [t("q_s"), t("k_s")], [t("scores")], name=t("MatMul_qk")),
+        helper.make_node("Softmax", [t("scores")], [t("probs")], name=t("Softmax"), axis=-1),
         helper.make_node("MatMul", [t("probs"), t("v")], [t("ctx")], name=t("MatMul_v")),
         helper.make_node(
             "Transpose", [t("ctx")], [t("ctx_t")], name=t("Transpose_back"), perm=back
         ),
         helper.make_node("Reshape", [t("ctx_t"), t("merge")], [out], name=t("Reshape_merge")),
     ]
-    return nodes, inits

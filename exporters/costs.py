@@ -19,14 +19,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from exporters.graph_groups import (
+    _FOLDABLE,
     BROADCAST_OPS,
     MIXING_KINDS,
     POOL_OPS,
     REDUCE_OPS,
     UNARY_OPS,
     ChannelGraph,
+    add_weights_as_inputs,
+    copy_without_initializers,
     inferred_shapes,
     layer_name_of,
 )
@@ -143,9 +147,81 @@ def _shape_math(onnx_model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def _batch_of_one(onnx_model: onnx.ModelProto) -> onnx.ModelProto:
+    """A weightless copy whose symbolic batch axes are 1, so shapes that merge the batch with
+    another axis (attention's batch * heads, tokens * batch) are inferred per sample."""
+    model = copy_without_initializers(onnx_model)
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    add_weights_as_inputs(model, onnx_model.graph.initializer)
+    return model
+
+
+def _fold_reshape_targets(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> bool:
+    """Write as constants the computed Reshape targets that follow from the shapes known now
+    (e.g. attention's [tokens, batch * heads, E // heads] from Shape(x)); ONNX shape inference
+    does not propagate values through Div or Cast. True when a target was written."""
+    from onnx.reference import ReferenceEvaluator
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = {
+        t.name: numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT64
+    }
+    memo: dict[str, np.ndarray | None] = {}
+
+    def val(name: str, depth: int = 0) -> np.ndarray | None:
+        if name in consts:
+            return consts[name]
+        if name in memo:
+            return memo[name]
+        node, res = producer.get(name), None
+        if node is not None and depth < 32:
+            if node.op_type == "Shape":
+                shape = shapes.get(node.input[0])
+                if shape is not None and None not in shape:
+                    attrs = {a.name: a.i for a in node.attribute}
+                    res = np.array(shape, np.int64)[attrs.get("start", 0) : attrs.get("end")]
+            elif node.op_type in _FOLDABLE:
+                ins = [val(i, depth + 1) if i else None for i in node.input]
+                if all(v is not None for i, v in zip(node.input, ins, strict=True) if i):
+                    feeds = {i: v for i, v in zip(node.input, ins, strict=True) if i}
+                    try:
+                        outs = ReferenceEvaluator(node).run(None, feeds)
+                        res = np.asarray(outs[list(node.output).index(name)])
+                    except Exception:
+                        res = None
+        memo[name] = res
+        return res
+
+    changed = False
+    for k, node in enumerate(model.graph.node):
+        out = shapes.get(node.output[0]) if node.op_type == "Reshape" else [1]
+        if out is not None and None not in out or node.input[1] in consts:
+            continue
+        v = val(node.input[1])
+        if v is None or v.dtype != np.int64:
+            continue
+        name = f"{node.input[1]}__fe_per_sample{k}"
+        model.graph.initializer.append(numpy_helper.from_array(v, name))
+        node.input[1] = name
+        changed = True
+    return changed
+
+
 def count_cost(onnx_model: onnx.ModelProto) -> CostSummary:
     """Per-node parameters and FLOPs of an ONNX model (see the module doc for the conventions)."""
-    shapes = inferred_shapes(onnx_model)
+    one = _batch_of_one(onnx_model)
+    shapes = inferred_shapes(one)
+    for _ in range(4):  # each round fixes the Reshapes whose targets the last one made known
+        if not _fold_reshape_targets(one, shapes):
+            break
+        shapes = inferred_shapes(one)
+    for t in onnx_model.graph.initializer:
+        shapes[t.name] = list(t.dims)
     inits = {t.name: t for t in onnx_model.graph.initializer}
     for n in onnx_model.graph.node:  # weights some tools keep in Constant nodes (not scalars)
         is_value = n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"

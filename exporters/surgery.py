@@ -228,15 +228,13 @@ def build_pruned(graph: ChannelGraph, pruned: np.ndarray) -> onnx.ModelProto:
         arr = np.array(graph.const(graph.nodes[ni].input[1]), copy=True)
         arr[axis] = int(graph.kept(desc, pruned).sum()) * desc.block
         w.fresh(node, 1, arr)
-    _rebuild_attention(graph, pruned, model, w)
+    _rebuild_attention(graph, pruned, model)
     w.write_initializers()
     del model.graph.value_info[:]
     return _finish(model)
 
 
-def _rebuild_attention(
-    graph: ChannelGraph, pruned: np.ndarray, model: onnx.ModelProto, w: _Writer
-) -> None:
+def _rebuild_attention(graph: ChannelGraph, pruned: np.ndarray, model: onnx.ModelProto) -> None:
     """Replace each attention core that lost heads by the same attention over the kept heads
     (exporters.attention); its output keeps its name, the old core becomes dead and is dropped."""
     for att in graph.attentions.values():
@@ -248,7 +246,7 @@ def _rebuild_attention(
             continue
         old = model.graph.node[graph._producer_idx[att.out]]
         old.output[0] = f"{att.out}__fe_replaced"
-        nodes, inits = core_nodes(
+        nodes = core_nodes(
             f"fe_attention_{att.in_node}",
             att.qkv,
             att.out,
@@ -259,7 +257,6 @@ def _rebuild_attention(
             att.merged,
         )
         model.graph.node.extend(nodes)
-        w.added.extend(inits)
 
 
 def _finish(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from exporters.attention import attention_np
+from exporters.costs import OnnxCostModel, count_cost
 from exporters.errors import VerificationError
 from exporters.graph_groups import ChannelGraph
 from exporters.onnx_export import export_onnx
@@ -105,6 +106,9 @@ def test_random_plan_verified_and_torch_matches_pruned_onnx(vit):
     assert list(w.dims) == [3 * 24, 32]  # three heads of 8 kept; the input width is unchanged
     assert report.params_after < report.params_before
     assert report.flops_after < report.flops_before
+    est = OnnxCostModel(proto, graph=graph).remaining(plan)  # exact, without surgery
+    assert est["params"] == pytest.approx(report.params_after / report.params_before, abs=1e-12)
+    assert est["flops"] == pytest.approx(report.flops_after / report.flops_before, abs=1e-12)
     small = prune_torch(model, plan, x, onnx_model=proto)
     attn = small.get_submodule(ATTN0)
     assert isinstance(attn, HeadPrunedAttention) and attn.num_heads == 3 and attn.head_dim == 8
@@ -159,6 +163,16 @@ def test_the_masked_original_is_the_model_without_the_head(vit):
         attn.in_proj_weight[[*range(16, 24), *range(48, 56)]] = qk
     np.testing.assert_allclose(masked, without, atol=1e-4)
     assert np.abs(qk_zeroed - without).max() > 1e-2
+
+
+def test_attention_flops_are_counted_per_head_and_token(vit):
+    """The exported core merges batch with heads ([batch * heads, tokens, head_dim]); its
+    FLOPs are counted per sample for every head, and the out-projection for every token."""
+    _, _, proto, _ = vit
+    cost = {c.node: c.flops for c in count_cost(proto).nodes}
+    pre = f"/{ATTN0.replace('.', '/')}/"
+    assert cost[pre + "MatMul_1"] == 4 * 17 * 17 * 8  # q k^T: heads x tokens^2 x head_dim
+    assert cost[pre + "Gemm"] == 17 * 32 * 32  # out-projection: tokens x E x E
 
 
 def test_plain_multihead_attention_heads_verified_and_torch_matches():
