@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 IN_PROJ = ".in_proj_weight"
 _PROBES = (2, 3)  # sizes tried for the symbolic (batch) dims of the attention's input
+_MAX_SCORES = 2**25  # largest attention score tensor a head-count guess may allocate
 
 
 @dataclass
@@ -256,16 +257,20 @@ def _layout(
         cases.append((xv, qv, ref))
     rank = len(shape_x)
     xv, qv, ref = cases[0]
-    cands = []
-    for h in (h for h in range(1, e + 1) if e % h == 0):
+    q64 = qv.astype(np.float64)
+    found = None
+    for h in _head_counts(graph, core, e, int(np.prod(qv.shape[:-1]))):
         for s in range(rank - 1):
+            got = attention_np(q64, h, s, merged=False)
             for merged in (False, True) if rank > 2 else (False,):
-                got = attention_np(qv.astype(np.float64), h, s, merged)
-                if got.shape == ref.shape and _close(ref, got):
-                    cands.append((h, s, merged))
-    if len(cands) != 1:
+                got = got.reshape(-1, e) if merged else got
+                if found is None and got.shape == ref.shape and _close(ref, got):
+                    found = (h, s, merged)
+        if found is not None:
+            break
+    if found is None:
         return "its core is not plain scaled dot-product attention (a mask, bias_k/v or dropout?)"
-    h, s, merged = cands[0]
+    h, s, merged = found
     for _xv, qv, ref in cases:  # the graph surgery writes must agree too, at every probe
         g = helper.make_graph(
             core_nodes("check", qkv, out, rank, h, e // h, s, merged),
@@ -276,7 +281,24 @@ def _layout(
         got = _run(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), {qkv: qv})
         if got.shape != ref.shape or not _close(ref, got):
             return "its core differs from the attention surgery writes"
-    return cands[0]
+    return found
+
+
+def _head_counts(graph: ChannelGraph, core: list[int], e: int, rows: int) -> list[int]:
+    """Head counts to try, in order: the integer constants of the core that divide E (the
+    exported head count is one of them), then the other divisors of E whose score tensor at the
+    probe stays under _MAX_SCORES elements (a wrong count only costs time; the result is checked)."""
+    hints: list[int] = []
+    for k in core:
+        n = graph.nodes[k]
+        if n.op_type == "Constant":
+            v = graph.const(n.output[0])
+            if v is not None and v.size == 1 and v.dtype.kind in "iu":
+                h = int(v.reshape(-1)[0])
+                if 1 < h <= e and e % h == 0 and h not in hints:
+                    hints.append(h)
+    rest = [h for h in range(1, e + 1) if e % h == 0 and h not in hints]
+    return hints + [h for h in rest if h * rows * rows <= _MAX_SCORES]
 
 
 def _close(ref: np.ndarray, got: np.ndarray, tol: float = 1e-4) -> bool:

@@ -409,6 +409,7 @@ class ChannelGraph:
         self.producers: dict[str, Producer] = {}
         self.node_info: dict[int, NodeInfo] = {}
         self._freezes: list[tuple[np.ndarray, str]] = []
+        self._consumer_map: dict[str, list[int]] | None = None
         self.attentions, self._attn_failed = find_attentions(self)
         self._attn_by_qkv = {a.qkv: a for a in self.attentions.values()}
         self._attn_by_weight = {a.weight: a for a in self.attentions.values()}
@@ -1136,7 +1137,12 @@ class ChannelGraph:
         return shape
 
     def _consumers(self, name: str) -> list[int]:
-        return [k for k, n in enumerate(self.nodes) if name in n.input]
+        if self._consumer_map is None:
+            self._consumer_map = {}
+            for k, n in enumerate(self.nodes):
+                for i in dict.fromkeys(n.input):
+                    self._consumer_map.setdefault(i, []).append(k)
+        return self._consumer_map.get(name, [])
 
     def _shuffle(self, idx: int, node: onnx.NodeProto, d: ChanDesc) -> bool:
         """Channel shuffle: Reshape(x, [n, g, c/g, h, w]) -> Transpose(0, 2, 1, ...) ->

@@ -291,3 +291,30 @@ def interleaved_digits() -> tuple[torch.Tensor, torch.Tensor]:
     img = torch.from_numpy(d.images[keep][:48]).float().div(16)[:, None]
     img = torch.nn.functional.interpolate(img, size=32).repeat(1, 3, 1, 1)
     return img, torch.from_numpy(d.target[keep][:48])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_head_by_head_attention_equals_multihead_attention(batch_first):
+    """Scoring runs every plain nn.MultiheadAttention head by head: with masks, unbatched input
+    and attention weights it must compute what torch's module computes."""
+    from pipeline.attention import HeadPrunedAttention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, batch_first=batch_first).eval()
+    ours = HeadPrunedAttention(mha, 3).eval()
+    q = torch.randn(2, 5, 12) if batch_first else torch.randn(5, 2, 12)
+    kv = torch.randn(2, 4, 12) if batch_first else torch.randn(4, 2, 12)
+    causal = torch.ones(5, 4, dtype=torch.bool).triu(1)
+    pad = torch.tensor([[False, False, False, True], [False, True, False, False]])
+    cases = [
+        ((q, q, q), {}),
+        ((q, kv, kv), {"attn_mask": causal, "key_padding_mask": pad}),
+        ((q, kv, kv), {"attn_mask": torch.randn(5, 4)}),
+        ((q[0] if batch_first else q[:, 0],) * 3, {}),
+    ]
+    with torch.no_grad():
+        for args, kw in cases:
+            want, want_w = mha(*args, **kw)
+            got, got_w = ours(*args, **kw)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-4)
