@@ -266,6 +266,8 @@ def _layout(
                 got = got.reshape(-1, e) if merged else got
                 if found is None and got.shape == ref.shape and _close(ref, got):
                     found = (h, s, merged)
+            if found is not None:
+                break
         if found is not None:
             break
     if found is None:
@@ -285,19 +287,20 @@ def _layout(
 
 
 def _head_counts(graph: ChannelGraph, core: list[int], e: int, rows: int) -> list[int]:
-    """Head counts to try, in order: the integer constants of the core that divide E (the
-    exported head count is one of them), then the other divisors of E whose score tensor at the
-    probe stays under _MAX_SCORES elements (a wrong count only costs time; the result is checked)."""
-    hints: list[int] = []
+    """Head counts to try, in order: the integer constants of the core that divide E, most
+    used first (the exported head count enters several shape computations), then the other
+    divisors of E whose score tensor at the probe stays under _MAX_SCORES elements (a wrong
+    count only costs time; the result is checked)."""
+    uses: dict[int, int] = {}
     for k in core:
-        n = graph.nodes[k]
-        if n.op_type == "Constant":
-            v = graph.const(n.output[0])
+        for name in graph.nodes[k].input:
+            v = graph.const(name) if name else None
             if v is not None and v.size == 1 and v.dtype.kind in "iu":
                 h = int(v.reshape(-1)[0])
-                if 1 < h <= e and e % h == 0 and h not in hints:
-                    hints.append(h)
-    rest = [h for h in range(1, e + 1) if e % h == 0 and h not in hints]
+                if 1 < h <= e and e % h == 0:
+                    uses[h] = uses.get(h, 0) + 1
+    hints = sorted(uses, key=lambda h: -uses[h])
+    rest = [h for h in range(1, e + 1) if e % h == 0 and h not in uses]
     return hints + [h for h in rest if h * rows * rows <= _MAX_SCORES]
 
 
