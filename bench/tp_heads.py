@@ -2,11 +2,12 @@
 
 Runs in bench/.env-tp (see bench/tp_prune.py): `bench/.env-tp/bin/python -m bench.tp_heads`.
 A residual attention block (Linear embedding 6 -> 24, nn.MultiheadAttention with 6 heads of 4,
-residual add, Linear classifier) loses head 1. The oracle is the unpruned block with head 1's
+residual add, an MLP 24 -> 48 -> 24 with its residual, Linear classifier) loses head 1. The oracle is the unpruned block with head 1's
 out-projection columns zeroed (what removing the head means). Torch-Pruning is asked two ways:
 (1) the same indices (head 1's 4 channels) through its dependency graph, (2) its own head
-pruning (MetaPruner, num_heads, prune_num_heads=True, one head of six). Prints one JSON line per
-case: what it built, and max |pruned - masked| where it ran.
+pruning (MetaPruner, num_heads, prune_num_heads=True, one head of six). (3) For comparison, MLP
+hidden units 0, 5, 9 through its dependency graph against the block with those units masked.
+Prints one JSON line per case: what it built, and max |pruned - masked| where it ran.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ class Block(nn.Module):
         super().__init__()
         self.embed = nn.Linear(6, 24)
         self.attn = nn.MultiheadAttention(24, 6)
+        self.fc1 = nn.Linear(24, 48)
+        self.fc2 = nn.Linear(48, 24)
         self.head = nn.Linear(24, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x).transpose(0, 1)
         a, _ = self.attn(h, h, h, need_weights=False)
-        return self.head((h + a).mean(dim=0))
+        h = h + a
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h.mean(dim=0))
 
 
 def _shapes(m: Block) -> dict:
@@ -39,6 +44,7 @@ def _shapes(m: Block) -> dict:
         "head_dim": m.attn.head_dim,
         "in_proj": list(m.attn.in_proj_weight.shape),
         "out_proj": list(m.attn.out_proj.weight.shape),
+        "fc1_out": m.fc1.out_features,
     }
 
 
@@ -88,6 +94,19 @@ def main() -> None:
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     print(json.dumps(row))
+
+    m, units = fresh(), [0, 5, 9]
+    ref = fresh()
+    with torch.no_grad():
+        ref.fc1.weight[units] = 0
+        ref.fc1.bias[units] = 0
+        want_mlp = ref(x)
+    dg = tp.DependencyGraph().build_dependency(m, example_inputs=x)
+    dg.get_pruning_group(m.fc1, tp.prune_linear_out_channels, idxs=units).prune()
+    with torch.no_grad():
+        diff = float((m(x) - want_mlp).abs().max())
+    print(json.dumps({"case": "MLP hidden units 0, 5, 9 through the dependency graph",
+                      "tp": version, **_shapes(m), "max_abs_diff_vs_masked": diff}))  # fmt: skip
 
 
 if __name__ == "__main__":
