@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.task_models import CLASSES, DET_SIZES, SEG_SIZE, write_det, write_seg
+from bench.task_models import CLASSES, DET_SIZES, SEG_SIZE, YOLO_SIZE, write_det, write_seg
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = "bench/task_models.py"
@@ -42,8 +42,8 @@ FAMILIES: dict[str, tuple[str, str, str | None, str, int]] = {
                    DET_SIZES["fasterrcnn_mobilenet_v3_large_fpn"]),
     "retinanet": ("detection", f"{MODELS}:retinanet", f"{MODELS}:retinanet_loss", "det",
                   DET_SIZES["retinanet_resnet50_fpn"]),
-    "tiny_yolo": ("detection", "bench/yolo_tiny.py:tiny_yolo", "bench/yolo_tiny.py:yolo_loss",
-                  "det", 64),
+    "tiny_yolo": ("detection", f"{MODELS}:tiny_yolo", "bench/yolo_tiny.py:yolo_loss", "det",
+                  YOLO_SIZE),
 }  # fmt: skip
 
 
@@ -78,7 +78,7 @@ def check_bundle(bundle: Path, x: np.ndarray) -> dict[str, Any]:
         "manifest": manifest,
         "onnx_ok": all(np.isfinite(o).all() for o in outs),
         "outputs": len(outs),
-        "verify": f"{v['max_abs_diff']:.2g} (bound {v['bound']:.2g})",
+        "verify": f"{v['max_abs_diff']:.2g} (bound {v['bound']:.2g}, max ref {v['max_abs_ref']:.2g})",
         "verified": v["max_abs_diff"] <= v["bound"],
         "flops": ratios.get("flops"),
         "params": ratios.get("params"),
