@@ -8,7 +8,9 @@ removing 30% of FLOPs (pipeline.planning.plan_for_budget, no rounding); ONNX sur
 against the masked original on the calibration images plus a random batch; both graphs
 simplified (BatchNorm folded) and timed by ONNX Runtime CPU, original and pruned in one run
 (devices.report.measure_pair, 3 alternating rounds). Detectors are exported up to their raw head
-outputs (no anchors decoding, no NMS: torchvision's compiled ops are not available here).
+outputs (no anchors decoding, no NMS: torchvision's compiled ops are not available here) and
+scored with torchvision's own training loss on those outputs (pipeline.detection_loss; for
+Faster R-CNN the region proposal network's).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from exporters.graph_groups import find_groups
 from exporters.onnx_export import export_onnx
 from exporters.surgery import apply_plan, save_model
 from fair_edge.deploy import simplify_file
+from pipeline.detection_loss import raw_head_loss
 from pipeline.planning import plan_for_budget
 from pipeline.rounding import round_plan
 from pipeline.scoring import score
@@ -76,43 +79,6 @@ def det_data(size: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, list
     return torch.from_numpy(x), targets
 
 
-def ssd_loss(name: str, classes: int, size: int) -> Callable[[Any, Any], torch.Tensor]:
-    """torchvision's own SSD training loss on the raw heads: its anchors, matcher, box coder and
-    hard-negative-mined classification loss (all plain torch ops)."""
-    from torchvision.models.detection.image_list import ImageList
-    from torchvision.ops import boxes as box_ops
-
-    det = torchvision_dense_model_full(name, classes).eval()
-    with torch.no_grad():
-        shapes = [f.shape[1:] for f in det.backbone(torch.zeros(1, 3, size, size)).values()]
-
-    def loss(out: dict[str, torch.Tensor], targets: list[dict[str, Any]]) -> torch.Tensor:
-        n = out["cls_logits"].shape[0]
-        images = ImageList(torch.zeros(n, 3, size, size), [(size, size)] * n)
-        feats = [torch.zeros(n, *s) for s in shapes]
-        anchors = det.anchor_generator(images, feats)
-        tg = [{"boxes": torch.as_tensor(t["boxes"]).float(), "labels": torch.as_tensor(t["labels"])}
-              for t in targets]  # fmt: skip
-        matched = [
-            det.proposal_matcher(box_ops.box_iou(t["boxes"], a))
-            for t, a in zip(tg, anchors, strict=True)
-        ]
-        parts = det.compute_loss(tg, out, anchors, matched)
-        return sum(parts.values())
-
-    return loss
-
-
-def torchvision_dense_model_full(name: str, classes: int) -> torch.nn.Module:
-    """The whole torchvision detector (anchors, matcher, loss), seeded like the raw heads."""
-    from pipeline.zoo import import_torchvision
-
-    tv = import_torchvision()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return tv.models.get_model(name, weights=None, weights_backbone=None, num_classes=classes)
-
-
 def settle_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     """BatchNorm running statistics from the calibration images (cumulative average)."""
     for m in model.modules():
@@ -136,11 +102,12 @@ def models() -> dict[str, Callable[[], tuple[torch.nn.Module, str, Any, Any, int
 
         return make
 
-    def ssdlite():
-        size, classes = 320, 5
-        return (torchvision_dense_model("ssdlite320_mobilenet_v3_large", "detection", classes),
-                "detection", det_data(size, classes),
-                ssd_loss("ssdlite320_mobilenet_v3_large", classes, size), size)  # fmt: skip
+    def det(name: str, size: int, classes: int = 5):
+        def make():
+            return (torchvision_dense_model(name, "detection", classes), "detection",
+                    det_data(size, classes), raw_head_loss(name, classes, size), size)  # fmt: skip
+
+        return make
 
     def yolo():
         size, classes = 160, 4
@@ -153,7 +120,9 @@ def models() -> dict[str, Callable[[], tuple[torch.nn.Module, str, Any, Any, int
         "lraspp_mobilenet_v3_large": seg("lraspp_mobilenet_v3_large"),
         "deeplabv3_mobilenet_v3_large": seg("deeplabv3_mobilenet_v3_large"),
         "fcn_resnet50": seg("fcn_resnet50"),
-        "ssdlite320_mobilenet_v3_large": ssdlite,
+        "ssdlite320_mobilenet_v3_large": det("ssdlite320_mobilenet_v3_large", 320),
+        "fasterrcnn_mobilenet_v3_large_fpn": det("fasterrcnn_mobilenet_v3_large_fpn", 320),
+        "retinanet_resnet50_fpn": det("retinanet_resnet50_fpn", 256),
         "tiny_yolo (C2f, 3 scales)": yolo,
     }
 
@@ -230,7 +199,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     table = models()
-    names = args.models or [n for n in table if n != "fcn_resnet50"]
+    names = args.models or [n for n in table if n not in ("fcn_resnet50", "retinanet_resnet50_fpn")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.dense_scoring import boxes_to_label_map, pool_labels
+from pipeline.scores import ScoringError
 
 
 class ConvBnAct(nn.Module):
@@ -145,6 +146,11 @@ def yolo_loss(outputs: tuple[torch.Tensor, ...], targets: list[dict[str, Any]]) 
         corners = np.concatenate([np.zeros((1, 4)), b / [size[1], size[0], size[1], size[0]]])
         boxes.append(corners[idx])
     lab_full = torch.from_numpy(np.stack(maps))
+    if int(lab_full.max()) >= k:
+        raise ScoringError(
+            f"box label {int(lab_full.max())} is out of range for a head with {k} classes "
+            "(0 = background); set --num-classes above the largest box label"
+        )
     box_full = torch.from_numpy(np.stack(boxes)).float().permute(0, 3, 1, 2)
     total = x0.new_zeros(())
     for out in outputs:

@@ -407,6 +407,7 @@ class ChannelGraph:
         self.slice_bounds: list[tuple[int, int, ChanDesc, int, int]] = []
         self.reshapes: list[tuple[int, int, ChanDesc]] = []
         self.producers: dict[str, Producer] = {}
+        self._weight_inputs: dict[str, ChanDesc | None] = {}
         self.node_info: dict[int, NodeInfo] = {}
         self._freezes: list[tuple[np.ndarray, str]] = []
         self._consumer_map: dict[str, list[int]] | None = None
@@ -492,6 +493,22 @@ class ChannelGraph:
 
     def _slice(self, idx: int, inp: int, axis: int, desc: ChanDesc) -> None:
         self.slices.append(SliceParam(idx, inp, axis, desc))
+
+    def _shared_input(self, weight: str, d: ChanDesc | None) -> None:
+        """A weight read by several nodes (a head shared across FPN levels) has one input axis:
+        the inputs of all its readers lose the same channels, or none do."""
+        if weight not in self._weight_inputs:
+            self._weight_inputs[weight] = d
+            return
+        first = self._weight_inputs[weight]
+        if first is None and d is None:
+            return
+        if first is None or d is None or len(first.ids) != len(d.ids) or first.block != d.block:
+            why = f"weight {weight} is shared by nodes whose inputs do not line up"
+            self.freeze(first, why)
+            self.freeze(d, why)
+            return
+        self._union(first.ids, d.ids)
 
     def _producer(self, node_idx: int, node: onnx.NodeProto, weight: str, n: int) -> ChanDesc:
         if weight in self.producers:
@@ -669,6 +686,7 @@ class ChannelGraph:
         if d is not None and (d.axis != 1 or d.block != 1):
             self.freeze(d, f"{node.op_type} {node.name!r} input channels are not on axis 1")
             d = None
+        self._shared_input(ins[1], d)
         outd = self._producer(idx, node, ins[1], cout)
         bias = len(ins) > 2 and ins[2] != ""
         if bias and not self.is_param(ins[2]):
@@ -726,6 +744,7 @@ class ChannelGraph:
         if d is not None and d.axis != 1:
             self.freeze(d, f"Gemm {node.name!r} input channels are not on the feature axis")
             d = None
+        self._shared_input(ins[1], d)
         outd = self._producer(idx, node, ins[1], int(w[out_axis]))
         if d is not None:
             self._slice(idx, 1, in_axis, d)
@@ -770,6 +789,7 @@ class ChannelGraph:
         if d is not None and (rank is None or d.axis != rank - 1):
             self.freeze(d, f"MatMul {node.name!r} input channels are not on the last axis")
             d = None
+        self._shared_input(wname, d)
         outd = self._producer(idx, node, wname, int(w[out_axis]))
         outd = ChanDesc(rank - 1 if rank else 1, outd.ids)
         if d is not None:

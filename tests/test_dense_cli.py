@@ -49,6 +49,18 @@ def test_detection_deploy_end_to_end(tmp_path):
     assert report["summary"]["ratios"]["flops"] < 0.95
 
 
+def test_detection_box_label_beyond_the_heads_classes_is_one_line(tmp_path):
+    data = tmp_path / "det.npz"
+    det_npz(data)  # box labels 1 to 3
+    out_dir = tmp_path / "out"
+    yolo = HERE.parent / "bench" / "yolo_tiny.py"
+    line = cli_error(["deploy", "--model", f"{yolo}:tiny_yolo", "--num-classes", "3", "--task",
+                      "detection", "--loss", f"{yolo}:yolo_loss", "--data", str(data), "--target",
+                      "0.3", "--out", str(out_dir), *FAST])  # fmt: skip
+    assert "box label 3 is out of range for a head with 3 classes" in line, line
+    assert "--num-classes" in line and not out_dir.exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [

@@ -119,11 +119,16 @@ def test_unknown_dense_model_is_one_line():
 def test_fasterrcnn_rpn_raw_heads_held_and_backbone_pruned_verified():
     model = settle_bn(
         torchvision_dense_model("fasterrcnn_mobilenet_v3_large_fpn", "detection", num_classes=5),
-        (1, 3, 320, 320),
+        (1, 3, 160, 160),
     )
-    proto, graph, _, report = _prune_30(model, torch.randn(1, 3, 320, 320))
+    x = torch.randn(1, 3, 160, 160)
+    proto, graph, plan, report = _prune_30(model, x)
     assert [o.name for o in proto.graph.output][:2] == ["objectness_0", "objectness_1"]
     held = {m: g.reason for g in graph.channel_groups if g.frozen for m in g.members}
     assert set(held) == {"rpn.head.cls_logits", "rpn.head.bbox_pred"}
     assert held["rpn.head.cls_logits"].startswith("output head of model output 'objectness_0'")
+    # the RPN head is one conv shared by every FPN level: the levels' output convs are one group
+    fpn_out = next(g for g in graph.channel_groups if "backbone.fpn.layer_blocks.0.0" in g.members)
+    assert "backbone.fpn.layer_blocks.1.0" in fpn_out.members
     _verified(report)
+    prune_torch(model, plan, example_input=x, onnx_model=proto)  # the shared weight sliced once

@@ -336,3 +336,32 @@ def test_newer_opsets(opset):
         proto = export_onnx(model, torch.randn(*shape), None, opset=opset)
         assert not _by_member({g.name: g for g in find_groups(proto)}, member).frozen
         _prune_all(model, proto, fraction=0.4, seed=opset)
+
+
+class _SharedHead(nn.Module):
+    """Two producers (an FPN's levels) read by one shared conv head, as torchvision's RPN does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p3, self.p4 = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(3, 8, 3, 2, 1)
+        self.head = nn.Conv2d(8, 6, 3, 1, 1)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.head(self.p3(x)))), self.out(self.head(self.p4(x)))
+
+
+def test_inputs_of_a_shared_weight_are_pruned_alike_in_onnx_and_torch():
+    from exporters.torch_prune import prune_torch
+
+    torch.manual_seed(0)
+    model = _SharedHead().eval()
+    x = torch.randn(1, 3, 16, 16)
+    proto, groups = _groups(model, (1, 3, 16, 16))
+    assert sorted(_by_member(groups, "p3").members) == ["p3", "p4"]  # one input axis, one group
+    assert _by_member(groups, "out").frozen
+    pruned, _, plan = _prune_all(model, proto, fraction=0.5)
+    head_w = next(i for i in pruned.graph.initializer if i.name == "head.weight")
+    assert list(head_w.dims)[:2] == [3, 4]  # sliced once, not duplicated per reader
+    small = prune_torch(model, plan, example_input=x, onnx_model=proto)  # verified inside
+    assert small.head.in_channels == 4 and small.p4.out_channels == 4
