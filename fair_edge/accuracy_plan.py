@@ -66,13 +66,8 @@ def plan_for_accuracy(
     from exporters.costs import OnnxCostModel
     from exporters.graph_groups import find_groups
     from exporters.torch_prune import prune_torch
-    from fair_edge.deploy import (
-        INT8_CALIBRATION,
-        calibration_subset,
-        channel_multiple,
-        example_input,
-        plan_controls,
-    )
+    from fair_edge.inputs import INT8_CALIBRATION, calibration_subset, example_input
+    from fair_edge.plan_stage import channel_multiple, plan_controls
     from fair_edge.recovery_stage import recovery_config, run_recovery
     from pipeline.planning import plan_for_budget
     from pipeline.rounding import round_plan

@@ -259,14 +259,14 @@ def cmd_devices(opts: Options, args: argparse.Namespace) -> int:
 
 
 def _model_and_data(opts: Options):
-    from fair_edge.deploy import resolve_inputs
+    from fair_edge.inputs import resolve_inputs
 
     return resolve_inputs(opts)
 
 
 def cmd_score(opts: Options, args: argparse.Namespace) -> int:
     from fair_edge.data_checks import scoring_sample, short_warning
-    from fair_edge.deploy import compute_scores
+    from fair_edge.plan_stage import compute_scores
     from fair_edge.stage_cache import StageCache
 
     inp = _model_and_data(opts)
@@ -287,7 +287,8 @@ def cmd_score(opts: Options, args: argparse.Namespace) -> int:
 def _plan(opts: Options, inp: Any = None):
     """(inputs, ONNX export, plan); `inp` when the caller has resolved model and data already."""
     from exporters.onnx_export import export_onnx
-    from fair_edge.deploy import compute_scores, example_input, make_plan
+    from fair_edge.inputs import example_input
+    from fair_edge.plan_stage import compute_scores, make_plan
     from fair_edge.stage_cache import StageCache
     from pipeline.scores import Scores
 
@@ -314,7 +315,8 @@ def cmd_plan(opts: Options, args: argparse.Namespace) -> int:
 def cmd_prune(opts: Options, args: argparse.Namespace) -> int:
     from exporters.onnx_export import export_onnx, load_onnx
     from exporters.surgery import apply_plan, save_model
-    from fair_edge.deploy import calibration_subset, example_input, simplify_file
+    from fair_edge.deploy import simplify_file
+    from fair_edge.inputs import calibration_subset, example_input
     from pipeline.plan import Plan
 
     if opts.plan:
@@ -349,7 +351,7 @@ def cmd_prune(opts: Options, args: argparse.Namespace) -> int:
 
 def cmd_export(opts: Options, args: argparse.Namespace) -> int:
     from exporters.onnx_export import export_onnx
-    from fair_edge.deploy import calibration_subset, example_input
+    from fair_edge.inputs import calibration_subset, example_input
 
     inp = _model_and_data(opts)
     model = inp.source.require_torch("export")
@@ -380,8 +382,9 @@ def cmd_export(opts: Options, args: argparse.Namespace) -> int:
 
 def cmd_bench(opts: Options, args: argparse.Namespace) -> int:
     from devices.report import measure_pair
-    from fair_edge.deploy import choose_where, resolve_profile
+    from fair_edge.deploy import choose_where
     from fair_edge.gpu_stage import run_spec
+    from fair_edge.inputs import resolve_profile
 
     profile = resolve_profile(opts.device)
     where, why = choose_where(profile, opts.run_on)
@@ -425,7 +428,7 @@ def cmd_recover(opts: Options, args: argparse.Namespace) -> int:
     from exporters.surgery import apply_plan, save_model
     from exporters.torch_prune import prune_torch
     from exporters.weights import save_pruned_weights, write_back
-    from fair_edge.deploy import (
+    from fair_edge.inputs import (
         INT8_CALIBRATION,
         apply_model_defaults,
         calibration_subset,

@@ -28,6 +28,8 @@ from calibration.data import CalibrationSet
 from calibration.errors import FairEdgeError
 from calibration.fileio import cache_dir
 from fair_edge.config import Options
+from fair_edge.inputs import DeployError, Inputs
+from fair_edge.model_source import ModelSource
 from fair_edge.stage_cache import StageCache, hash_arrays, hash_model
 from pipeline.plan import LayerPlan, Plan
 from pipeline.recovery import RecoveryConfig, RecoveryResult, recover
@@ -61,6 +63,36 @@ class RoundsResult:
     plan: Plan
     model: nn.Module
     rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RecoveryPlan:
+    """Whether this run recovers the pruned model, and its data (resolved on first use)."""
+
+    enabled: bool
+    opts: Options
+    inp: Inputs
+    teacher: torch.nn.Module | None
+    _data: Any = None
+
+    @classmethod
+    def of(
+        cls, opts: Options, source: ModelSource, inp: Inputs, model: torch.nn.Module | None
+    ) -> RecoveryPlan:
+        auto = inp.source.kind == "default" or opts.rounds > 1  # it comes with training data
+        enabled = opts.recover if opts.recover is not None else auto
+        if enabled and model is None:
+            raise DeployError(
+                "recovery trains the PyTorch model; an ONNX input cannot be recovered (give "
+                "--model as PyTorch, or drop --recover/--rounds)"
+            )
+        return cls(bool(enabled), opts, inp, model)
+
+    def data(self) -> Any:
+        if self._data is None:
+            self._data = recovery_data(self.opts, self.inp.source.calibration_data,
+                                       self.inp.calibration, self.teacher)  # fmt: skip
+        return self._data
 
 
 def recovery_config(opts: Options) -> RecoveryConfig:
@@ -202,7 +234,7 @@ def prune_in_rounds(
     from exporters.graph_groups import find_groups
     from exporters.onnx_export import export_onnx
     from exporters.torch_prune import prune_torch
-    from fair_edge.deploy import plan_controls
+    from fair_edge.plan_stage import plan_controls
     from pipeline.planning import plan_for_budget
     from pipeline.rounding import round_plan
     from pipeline.scoring import score

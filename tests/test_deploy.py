@@ -28,7 +28,7 @@ from exporters.bundle import verify_bundle
 from exporters.costs import count_cost
 from exporters.evaluate import onnx_outputs, tflite_outputs, top1
 from fair_edge.config import Options
-from fair_edge.deploy import compute_scores
+from fair_edge.plan_stage import compute_scores
 from fair_edge.stage_cache import StageCache
 from pipeline.plan import Plan
 from pipeline.train import default_model, evaluate

@@ -228,7 +228,7 @@ def test_deploy_plan_for_a_target_records_flops_after_rounding() -> None:
     from exporters.costs import OnnxCostModel
     from exporters.onnx_export import export_onnx
     from fair_edge.config import Options
-    from fair_edge.deploy import make_plan
+    from fair_edge.plan_stage import make_plan
     from pipeline.models import ResNet
     from pipeline.scoring import score
 
