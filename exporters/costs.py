@@ -31,6 +31,7 @@ from exporters.graph_groups import (
     ChannelGraph,
     add_weights_as_inputs,
     copy_without_initializers,
+    eval_node,
     inferred_shapes,
     layer_name_of,
 )
@@ -163,8 +164,6 @@ def _fold_reshape_targets(model: onnx.ModelProto, shapes: dict[str, list[int | N
     """Write as constants the computed Reshape targets that follow from the shapes known now
     (e.g. attention's [tokens, batch * heads, E // heads] from Shape(x)); ONNX shape inference
     does not propagate values through Div or Cast. True when a target was written."""
-    from onnx.reference import ReferenceEvaluator
-
     producer = {o: n for n in model.graph.node for o in n.output}
     consts = {
         t.name: numpy_helper.to_array(t)
@@ -186,14 +185,8 @@ def _fold_reshape_targets(model: onnx.ModelProto, shapes: dict[str, list[int | N
                     attrs = {a.name: a.i for a in node.attribute}
                     res = np.array(shape, np.int64)[attrs.get("start", 0) : attrs.get("end")]
             elif node.op_type in _FOLDABLE:
-                ins = [val(i, depth + 1) if i else None for i in node.input]
-                if all(v is not None for i, v in zip(node.input, ins, strict=True) if i):
-                    feeds = {i: v for i, v in zip(node.input, ins, strict=True) if i}
-                    try:
-                        outs = ReferenceEvaluator(node).run(None, feeds)
-                        res = np.asarray(outs[list(node.output).index(name)])
-                    except Exception:
-                        res = None
+                outs = eval_node(node, [val(i, depth + 1) if i else None for i in node.input])
+                res = None if outs is None else outs[list(node.output).index(name)]
         memo[name] = res
         return res
 

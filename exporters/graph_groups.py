@@ -291,6 +291,20 @@ def copy_without_initializers(src: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def eval_node(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+    """One node's outputs from constant inputs, by ONNX's reference evaluator (None when an
+    input is unknown or the evaluator cannot run it): folding computed shapes and constants."""
+    if any(v is None for i, v in zip(node.input, inputs, strict=True) if i):
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {i: v for i, v in zip(node.input, inputs, strict=True) if i}
+    try:
+        return [np.asarray(o) for o in ReferenceEvaluator(node).run(None, feeds)]
+    except Exception:
+        return None
+
+
 def skeleton(model: onnx.ModelProto, max_elems: int = 4096) -> onnx.ModelProto:
     """A copy without the large initializers (declared as typed graph inputs instead).
 
@@ -443,16 +457,8 @@ class ChannelGraph:
         node = self._producer_node.get(name)
         if node is None or node.op_type not in _FOLDABLE:
             return None
-        inputs = [self.value(i, depth + 1) if i else None for i in node.input]
-        if any(v is None for i, v in zip(node.input, inputs, strict=True) if i):
-            self._fold_failed.add(name)
-            return None
-        try:
-            from onnx.reference import ReferenceEvaluator
-
-            feeds = {i: v for i, v in zip(node.input, inputs, strict=True) if i}
-            outs = ReferenceEvaluator(node).run(None, feeds)
-        except Exception:
+        outs = eval_node(node, [self.value(i, depth + 1) if i else None for i in node.input])
+        if outs is None:
             self._fold_failed.add(name)
             return None
         for o, v in zip(node.output, outs, strict=False):

@@ -47,21 +47,14 @@ def _eval(
     elif node is None or node.op_type == "Shape" or depth > _MAX_DEPTH:
         result = graph.value(name)
     else:
-        from exporters.graph_groups import _FOLDABLE
+        from exporters.graph_groups import _FOLDABLE, eval_node
 
         if node.op_type not in _FOLDABLE:
             result = None
         else:
             ins = [_eval(graph, i, x, shape, memo, depth + 1) if i else None for i in node.input]
-            if all(v is not None for i, v in zip(node.input, ins, strict=True) if i):
-                try:
-                    from onnx.reference import ReferenceEvaluator
-
-                    feeds = {i: v for i, v in zip(node.input, ins, strict=True) if i}
-                    outs = ReferenceEvaluator(node).run(None, feeds)
-                    result = np.asarray(outs[list(node.output).index(name)])
-                except Exception:
-                    result = None
+            outs = eval_node(node, ins)
+            result = None if outs is None else outs[list(node.output).index(name)]
     memo[name] = result
     return result
 
