@@ -331,12 +331,12 @@ def scoreboard(out: dict[str, Any], methods: list[str], stage: str) -> list[str]
     both have; a row's last column counts the cells at or above the best baseline."""
     cells = sorted({(r["model"], r["level"]) for r in out["rows"]},
                    key=lambda c: (MODELS_ORDER.get(c[0], 9), c[1]))  # fmt: skip
-    head = "| FAIR method | " + " | ".join(f"{m} {lv:.0%}" for m, lv in cells) + " | wins |"
-    lines = [head, "|---" * (len(cells) + 2) + "|"]
+    head = "| FAIR method | " + " | ".join(f"{m} {lv:.0%}" for m, lv in cells) + " | wins | seeds |"
+    lines = [head, "|---" * (len(cells) + 3) + "|"]
     for m in methods:
         if not is_fair(m):
             continue
-        vals, wins, n = [], 0, 0
+        vals, wins, n, used = [], 0, 0, set()
         for model, level in cells:
             rs = [r for r in out["rows"] if r["model"] == model and r["level"] == level]
             mine = {r["seed"]: r[stage] for r in rs if r["method"] == m and stage in r}
@@ -345,6 +345,7 @@ def scoreboard(out: dict[str, Any], methods: list[str], stage: str) -> list[str]
                 theirs = {r["seed"]: r[stage] for r in rs if r["method"] == b and stage in r}
                 common = sorted(set(mine) & set(theirs))
                 if common:
+                    used.update(common)
                     d = float(np.mean([mine[x] - theirs[x] for x in common]))
                     best = d if best is None else min(best, d)
             if best is None:
@@ -354,7 +355,8 @@ def scoreboard(out: dict[str, Any], methods: list[str], stage: str) -> list[str]
             wins += best >= 0
             vals.append(f"{100 * best:+.1f}")
         if n:
-            lines.append(f"| {m} | " + " | ".join(vals) + f" | {wins}/{n} |")
+            seeds = ",".join(str(x) for x in sorted(used))
+            lines.append(f"| {m} | " + " | ".join(vals) + f" | {wins}/{n} | {seeds} |")
     return lines
 
 
