@@ -3,6 +3,7 @@
     nice -n 5 .venv/bin/python -m bench.bench_study [--models vgg,resnet,mobilenet] [--seeds 0,1]
         [--levels 0.3,0.5,0.7] [--steps 60] [--recover-levels 0.5,0.7]
         [--recover-methods fair,uniform-l1,uniform-random,torch-pruning] [--recover-seeds 0]
+        [--methods fair,fair+cap1.5,fair-bn+blend0.5,fair+max,...] [--candidates fair+cap1.5]
 
 Networks: the accuracy bench's plain VGG, residual ResNet and inverted-residual (depthwise)
 MobileNet for Fashion-MNIST (bench/accuracy_models.py), each trained one epoch per training seed
@@ -16,6 +17,14 @@ reached (or the level): FAIR's U alone (`U-alone`), FAIR's R alone (`Taylor-alon
 (`uniform-l1`), seeded random (`uniform-random`), and Torch-Pruning 1.6.1's own pruner with its
 GroupNormImportance (`torch-pruning`, bench/tp_prune.py in bench/.env-tp). Group members are
 aggregated by summing (pipeline.baselines / planning), the same for every method.
+
+FAIR variants of allocation and aggregation are named `<scoring variant>+<modifier>...`:
+`+capM` = plan_for_budget(allocation='tod-capped:M'), `+blendW` = allocation='blend:W',
+`+max` / `+normsum` = aggregate='max' / 'normsum' (e.g. `fair-bn+cap1.5+max`). `--methods`
+picks what is measured; `--resume` keeps every measured row and measures only what is missing
+(recovered values are kept only when the recovery budget is unchanged). `--candidates` get their
+own verdict lines next to the default's, and the scoreboard shows every FAIR method's margin
+over the best baseline per cell.
 
 Every plan is pruned physically (prune_torch) and evaluated on the 10,000 test images one-shot and
 after BatchNorm re-estimation on the 320 calibration images; then, for the chosen levels, methods
@@ -40,7 +49,7 @@ import torch
 from torch import nn
 
 from bench.bench_accuracy import SPC, X1, Context, recalibrate
-from bench.bench_recovery import _env, make_plans, recovery_config, split_train, tp_pruned
+from bench.bench_recovery import _env, recovery_config, split_train, tp_pruned
 from calibration.data import CalibrationSet
 from calibration.fileio import atomic_write_text
 from calibration.sampling import balanced_sample
@@ -68,23 +77,63 @@ SCORING = {"fair": ("raw", False), "fair-bn": ("bn", False), "fair-act": ("act",
 STAGES = (("top1", "one-shot"), ("top1_bn", "BN re-est."), ("top1_recovered", "recovered"))
 
 
+def spec(method: str) -> tuple[str, str, str]:
+    """(scoring variant, allocation, aggregate) of a FAIR method name such as 'fair-bn+cap1.5'."""
+    base, *mods = method.split("+")
+    if base not in SCORING:
+        raise ValueError(f"{method!r} is not a FAIR method (scoring variants: {list(SCORING)})")
+    alloc, agg = "tod", "sum"
+    for m in mods:
+        if m.startswith("cap"):
+            alloc = f"tod-capped:{m[3:]}"
+        elif m.startswith("blend"):
+            alloc = f"blend:{m[5:]}"
+        elif m in ("max", "normsum"):
+            agg = m
+        else:
+            raise ValueError(f"{method!r}: unknown modifier {m!r} (capM, blendW, max, normsum)")
+    return base, alloc, agg
+
+
+def is_fair(method: str) -> bool:
+    return method.split("+")[0] in SCORING
+
+
+def max_layer_share(plan: Plan) -> float:
+    """The largest share of units any one layer loses (ToD may take up to 99%)."""
+    return max((len(lp.pruned) / lp.n_units for lp in plan.layers.values()), default=0.0)
+
+
 def plans_for_level(
-    ctx: Context, level: float, scores: dict[str, Any], l1: dict, rnd: dict
-) -> list[tuple[str, Plan, dict[str, Any]]]:
-    """Every planned method at `level`; peers at the share the default FAIR reached."""
-    out = make_plans(ctx, level, scores["fair"], l1, rnd)  # fair, uniform-l1, uniform-random
-    target = out[1][2]["target"]
-    for name in VARIANTS[1:]:
-        p = plan_for_budget(scores[name], level, "flops", ctx.cost, ctx.groups, ctx.model,
-                            strict=False)  # fmt: skip
-        reached = p.method["budget"]["achieved"]
-        out.append((name, p, {"alpha": p.method["alpha"], "reached_target": reached >= level}))
+    ctx: Context, level: float, scores: dict[str, Any], l1: dict, rnd: dict, methods: list[str]
+) -> tuple[float, list[tuple[str, Plan, dict[str, Any]]]]:
+    """(peer target, the planned `methods` at `level`); peers at the share the default FAIR
+    reached when it falls short of `level`, else at `level`. Torch-Pruning is planned apart."""
+    fair = plan_for_budget(scores["fair"], level, "flops", ctx.cost, ctx.groups, ctx.model,
+                           strict=False)  # fmt: skip
+    target = min(level, fair.method["budget"]["achieved"])
     fs = scores["fair"]
-    for name, imp in (("U-alone", {n: fs[n].U for n in fs.names()}),
-                      ("Taylor-alone", {n: fs[n].R for n in fs.names()})):  # fmt: skip
-        p = uniform_plan_for_budget(imp, target, ctx.cost, ctx.fp, ctx.groups)
-        out.append((name, p, {"ratio": p.method["ratio"], "target": target}))
-    return out
+    peers = {"uniform-l1": l1, "uniform-random": rnd,
+             "U-alone": {n: fs[n].U for n in fs.names()},
+             "Taylor-alone": {n: fs[n].R for n in fs.names()}}  # fmt: skip
+    out = []
+    for m in methods:
+        if m in peers:
+            p = uniform_plan_for_budget(peers[m], target, ctx.cost, ctx.fp, ctx.groups)
+            extra = {"ratio": p.method["ratio"], "target": target}
+        elif is_fair(m):
+            base, alloc, agg = spec(m)
+            p = fair if m == DEFAULT else plan_for_budget(
+                scores[base], level, "flops", ctx.cost, ctx.groups, ctx.model, strict=False,
+                allocation=alloc, aggregate=agg)  # fmt: skip
+            reached = p.method["budget"]["achieved"]
+            extra = {"alpha": p.method["alpha"], "reached_target": reached >= level}
+            if "allocation" in p.method:
+                extra["allocation"] = p.method["allocation"]
+        else:
+            continue
+        out.append((m, p, {**extra, "max_layer_share": max_layer_share(p)}))
+    return target, out
 
 
 def one_shot(ctx: Context, pruned: nn.Module) -> tuple[dict[str, Any], nn.Module]:
@@ -114,28 +163,44 @@ def recovered(
 
 
 def run(args: argparse.Namespace, out: dict[str, Any], save: Any) -> None:
-    """Phase 1: one-shot + BN for every net x seed x level x method; phase 2: the recoveries."""
+    """Phase 1: one-shot + BN for every missing net x seed x level x method; phase 2: the
+    recoveries not yet measured."""
     train_set, test = default_data("train"), default_data("test")
     calib, _ = balanced_sample(train_set, SPC, seed=0)
     data, held = split_train(train_set)
     cfg = recovery_config(args)
+    if out.get("recovery_config") not in (None, cfg.to_json()):  # another budget: measure again
+        for r in out["rows"]:
+            r.pop("top1_recovered", None)
+            r.pop("recovery", None)
     out["recovery_config"] = cfg.to_json()
     students: dict[tuple[str, int, float, str], nn.Module] = {}
     contexts: dict[tuple[str, int], Context] = {}
-    done = {tuple(r[k] for k in key_names()) for r in out["rows"] if "top1_bn" in r}
+    rows = {tuple(r[k] for k in key_names()): r for r in out["rows"] if "top1_bn" in r}
+    out["rows"] = list(rows.values())
+
+    def recover_wanted(key: tuple[str, int, float, str]) -> bool:
+        _, seed, level, method = key
+        return (seed in args.recover_seeds and level in args.recover_levels
+                and method in args.recover_methods
+                and "top1_recovered" not in rows.get(key, {}))  # fmt: skip
+
     for name in args.models:
         for seed in args.seeds:
+            keys = [(name, seed, lv, m) for lv in args.levels
+                    for m in dict.fromkeys([*args.methods, *args.recover_methods])]  # fmt: skip
+            todo_keys = [k for k in keys if k not in rows or recover_wanted(k)]
+            if not todo_keys:
+                continue
             ctx = Context(name, test, calib, seed=seed)
             contexts[name, seed] = ctx
-            resumed = all((name, seed, lv, m) in done for lv in args.levels for m in METHODS)
             if not any(n["model"] == name and n["seed"] == seed for n in out["nets"]):
                 out["nets"].append({"model": name, "seed": seed, "trained": ctx.meta,
                                     "base_top1": evaluate(ctx.model, test),
                                     "base_flops": ctx.base.flops})  # fmt: skip
-            print(f"[{name} seed {seed}] scoring (resumed: {resumed})", flush=True)
-            if not resumed:  # measured again in full
-                out["rows"] = [r for r in out["rows"] if (r["model"], r["seed"]) != (name, seed)]
-            variants = ["fair"] if resumed else list(SCORING)
+            needed = list(dict.fromkeys(k[3] for k in todo_keys))
+            variants = list(dict.fromkeys(["fair", *(spec(m)[0] for m in needed if is_fair(m))]))
+            print(f"[{name} seed {seed}] scoring {variants} for {needed}", flush=True)
             scores = {v: score(ctx.model, calib, samples_per_class=SPC, where=SCORING[v][0], seed=0,
                                reference_compat=SCORING[v][1], progress=False)
                       for v in variants}  # fmt: skip
@@ -143,21 +208,23 @@ def run(args: argparse.Namespace, out: dict[str, Any], save: Any) -> None:
             l1, rnd = l1_importance(ctx.model, layers), random_importance(ctx.model, layers, seed=0)
             for level in args.levels:
                 base = {"model": name, "seed": seed, "level": level}
+                here = [m for (_, _, lv, m) in todo_keys if lv == level]
+                if not here:
+                    continue
                 try:
-                    if resumed:  # only the models recovery needs, rebuilt the same way
-                        plans = make_plans(ctx, level, scores["fair"], l1, rnd)
-                    else:
-                        plans = plans_for_level(ctx, level, scores, l1, rnd)
+                    target, plans = plans_for_level(ctx, level, scores, l1, rnd, here)
                 except PlanError as exc:
                     out["rows"].append({**base, "method": "?", "error": str(exc)})
                     continue
                 todo = [(m, prune_torch(ctx.model, p, X1, ctx.onnx, verify=False), extra)
                         for m, p, extra in plans]  # fmt: skip
-                todo.append(("torch-pruning", *tp_pruned(ctx, plans[1][2]["target"])))
+                if "torch-pruning" in here:
+                    todo.append(("torch-pruning", *tp_pruned(ctx, target)))
                 for method, pruned, extra in todo:
-                    if resumed:
-                        if pruned is not None and method in args.recover_methods:
-                            students[name, seed, level, method] = recalibrate(pruned, calib)
+                    key = (name, seed, level, method)
+                    if key in rows:  # measured: only its recovery is wanted
+                        if pruned is not None and recover_wanted(key):
+                            students[key] = recalibrate(pruned, calib)
                         continue
                     row = {
                         **base,
@@ -166,23 +233,27 @@ def run(args: argparse.Namespace, out: dict[str, Any], save: Any) -> None:
                     }
                     if pruned is not None:
                         try:
-                            measured, students[name, seed, level, method] = one_shot(ctx, pruned)
+                            measured, student = one_shot(ctx, pruned)
                             row |= measured
+                            if recover_wanted(key):
+                                students[key] = student
                         except Exception as exc:  # one failing peer must not end the study
                             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                    out["rows"].append(row)
+                    out["rows"] = [r for r in out["rows"]
+                                   if tuple(r.get(k) for k in key_names()) != key] + [row]  # fmt: skip
+                    if "top1_bn" in row:
+                        rows[key] = row
                     print(json.dumps(row), flush=True)
                     save()
     for level in args.recover_levels:  # level-major: a run cut short has whole levels
-        for name in args.models:
-            for seed in args.recover_seeds:
+        for seed in args.recover_seeds:  # seed-major within a level: whole seeds first
+            for name in args.models:
                 for method in args.recover_methods:
                     key = (name, seed, level, method)
                     if key not in students:
                         continue
-                    row = next(r for r in out["rows"] if (r["model"], r["seed"], r["level"],
-                                                          r["method"]) == key)  # fmt: skip
-                    row |= recovered(contexts[name, seed], students[key], data, held, cfg)
+                    row = rows[key]
+                    row |= recovered(contexts[name, seed], students.pop(key), data, held, cfg)
                     print(
                         json.dumps({k: row[k] for k in (*key_names(), "top1_recovered")}),
                         flush=True,
@@ -213,9 +284,18 @@ def _cell(rows: list[dict], stage: str) -> str:
     return f"{m:.4f} (" + ", ".join(f"{v:.3f}" for _, v in vals) + ")"
 
 
-def _verdict(by: dict[str, list[dict]], stage: str, label: str) -> str | None:
-    """Default FAIR vs every baseline measured at this stage (means over the same seeds)."""
-    fair_rows = by.get(DEFAULT, [])
+def methods_of(out: dict[str, Any]) -> list[str]:
+    """The four scoring variants, the other FAIR methods measured (first seen first), baselines."""
+    seen = dict.fromkeys(r["method"] for r in out["rows"])
+    extra = [m for m in seen if is_fair(m) and m not in VARIANTS]
+    return [*VARIANTS, *extra, *BASELINES]
+
+
+def _verdict(
+    by: dict[str, list[dict]], stage: str, label: str, methods: list[str], who: str = DEFAULT
+) -> str | None:
+    """FAIR method `who` vs every baseline measured at this stage (means over the same seeds)."""
+    fair_rows = by.get(who, [])
     seeds = {r["seed"] for r in fair_rows if stage in r}
     if not seeds:
         return None
@@ -223,13 +303,15 @@ def _verdict(by: dict[str, list[dict]], stage: str, label: str) -> str | None:
     def mean(m: str) -> float | None:
         return _mean([r for r in by.get(m, []) if r["seed"] in seeds], stage)
 
-    f = mean(DEFAULT)
+    f = mean(who)
     peers = {m: mean(m) for m in BASELINES if mean(m) is not None}
     lost = {m: v for m, v in peers.items() if v > f}
     won = {m: v for m, v in peers.items() if v <= f}
-    best_var = max(((m, mean(m)) for m in VARIANTS if mean(m) is not None), key=lambda t: t[1])
-    best_all = max(((m, mean(m)) for m in METHODS if mean(m) is not None), key=lambda t: t[1])
-    s = f"{label} (seeds {sorted(seeds)}): default FAIR {f:.4f}; "
+    fair_methods = [m for m in methods if is_fair(m) and mean(m) is not None]
+    best_var = max(((m, mean(m)) for m in fair_methods), key=lambda t: t[1])
+    best_all = max(((m, mean(m)) for m in methods if mean(m) is not None), key=lambda t: t[1])
+    what = "default FAIR" if who == DEFAULT else f"candidate {who}"
+    s = f"{label} (seeds {sorted(seeds)}): {what} {f:.4f}; "
     if not lost:
         margin = f - max(won.values()) if won else 0.0
         s += f"**at/above every baseline measured** ({len(won)}; margin {100 * margin:+.2f} pt)"
@@ -238,15 +320,52 @@ def _verdict(by: dict[str, list[dict]], stage: str, label: str) -> str | None:
                                       sorted(lost.items(), key=lambda t: -t[1]))  # fmt: skip
         if won:
             s += "; at/above " + ", ".join(sorted(won))
-    n_var = sum(mean(m) is not None for m in VARIANTS)
-    if n_var > 1:
-        s += f". Best of {n_var} FAIR variants: {best_var[0]} {best_var[1]:.4f}"
+    if who == DEFAULT and len(fair_methods) > 1:
+        s += f". Best of {len(fair_methods)} FAIR methods: {best_var[0]} {best_var[1]:.4f}"
     s += f"; best overall: {best_all[0]} "
     return s + f"{best_all[1]:.4f}."
 
 
+def scoreboard(out: dict[str, Any], methods: list[str], stage: str) -> list[str]:
+    """Per FAIR method and cell: its mean minus the best baseline's mean (pt), over the seeds
+    both have; a row's last column counts the cells at or above the best baseline."""
+    cells = sorted({(r["model"], r["level"]) for r in out["rows"]},
+                   key=lambda c: (MODELS_ORDER.get(c[0], 9), c[1]))  # fmt: skip
+    head = "| FAIR method | " + " | ".join(f"{m} {lv:.0%}" for m, lv in cells) + " | wins | seeds |"
+    lines = [head, "|---" * (len(cells) + 3) + "|"]
+    for m in methods:
+        if not is_fair(m):
+            continue
+        vals, wins, n, used = [], 0, 0, set()
+        for model, level in cells:
+            rs = [r for r in out["rows"] if r["model"] == model and r["level"] == level]
+            mine = {r["seed"]: r[stage] for r in rs if r["method"] == m and stage in r}
+            best = None
+            for b in BASELINES:
+                theirs = {r["seed"]: r[stage] for r in rs if r["method"] == b and stage in r}
+                common = sorted(set(mine) & set(theirs))
+                if common:
+                    used.update(common)
+                    d = float(np.mean([mine[x] - theirs[x] for x in common]))
+                    best = d if best is None else min(best, d)
+            if best is None:
+                vals.append("-")
+                continue
+            n += 1
+            wins += best >= 0
+            vals.append(f"{100 * best:+.1f}")
+        if n:
+            seeds = ",".join(str(x) for x in sorted(used))
+            lines.append(f"| {m} | " + " | ".join(vals) + f" | {wins}/{n} | {seeds} |")
+    return lines
+
+
+MODELS_ORDER = {"vgg": 0, "resnet": 1, "mobilenet": 2}
+
+
 def markdown(out: dict[str, Any]) -> str:
     env, cfg = out["env"], out.get("recovery_config", {})
+    methods = methods_of(out)
     lines = [
         "# Ranking study (issue 11): FAIR variants vs baselines on three architectures",
         "",
@@ -267,13 +386,22 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         "Methods: `fair` = default (U on the raw output, R in eval mode, ToD per layer, global "
         "FLOPs budget by one alpha); `fair-bn` / `fair-act` = U after BatchNorm / after the "
-        "activation; `fair-R-train` = R in train mode (reference_compat); `U-alone` / "
+        "activation; `fair-R-train` = R in train mode (reference_compat); `+capM` = ToD with no "
+        "layer losing more than min(0.9, M x the uniform ratio meeting the budget), alpha "
+        "re-solved; `+blendW` = per-layer share W x ToD's + (1-W) x the uniform ratio, scaled "
+        "to the budget; `+max` / `+normsum` = coupled members' scores combined by max / by the "
+        "sum of each member's scores over its mean (default: sum); `U-alone` / "
         "`Taylor-alone` = FAIR's U / R ranking with one uniform per-layer ratio; `uniform-l1`, "
         "`uniform-random` (seed 0); `torch-pruning` = Torch-Pruning 1.6.1 MetaPruner with "
-        "GroupNormImportance, uniform ratio. Coupled channels: member scores summed for every "
-        "project method (not varied in this run).",
+        "GroupNormImportance, uniform ratio. Max share = the largest share of units one layer "
+        "loses.",
+        "",
+        "## Scoreboard: FAIR method minus the best baseline (pt; >= 0 = at or above every "
+        "baseline)",
         "",
     ]
+    for stage, label in STAGES[1:]:
+        lines += [f"**{label}**", "", *scoreboard(out, methods, stage), ""]
     for name in dict.fromkeys(n["model"] for n in out["nets"]):
         nets = [n for n in out["nets"] if n["model"] == name]
         lines += [f"## {name}", "", "Unpruned top-1: " + ", ".join(
@@ -284,28 +412,31 @@ def markdown(out: dict[str, Any]) -> str:
             for r in rows:
                 by.setdefault(r["method"], []).append(r)
             lines += [f"### {name}, {level:.0%} of FLOPs", "",
-                      "| method | FLOPs removed | one-shot | BN re-est. | recovered |",
-                      "|---|---|---|---|---|"]  # fmt: skip
-            for m in METHODS:
+                      "| method | FLOPs removed | max share | one-shot | BN re-est. | recovered |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for m in methods:
                 rs = by.get(m, [])
                 if not rs:
                     continue
                 if any("error" in r for r in rs):
                     err = next(r.get("error") for r in rs if "error" in r)
-                    lines.append(f"| {m} | error: {err} | | | |")
+                    lines.append(f"| {m} | error: {err} | | | | |")
                     continue
                 short = " (short)" if any(r.get("reached_target") is False for r in rs) else ""
                 fl = _mean(rs, "flops_removed")
+                ms = _mean(rs, "max_layer_share")
                 lines.append(
                     f"| {'**' + m + '**' if m == DEFAULT else m} | {fl:.1%}{short} "
+                    f"| {'-' if ms is None else f'{ms:.0%}'} "
                     f"| {_cell(rs, 'top1')} | {_cell(rs, 'top1_bn')} "
                     f"| {_cell(rs, 'top1_recovered')} |"
                 )
             lines.append("")
-            for stage, label in STAGES:
-                v = _verdict(by, stage, label)
-                if v:
-                    lines.append("- " + v)
+            for who in [DEFAULT, *out.get("candidates", [])]:
+                for stage, label in STAGES:
+                    v = _verdict(by, stage, label, methods, who)
+                    if v:
+                        lines.append("- " + v)
             lines.append("")
     return "\n".join(lines)
 
@@ -329,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-levels", default="0.5,0.7")
     ap.add_argument("--recover-methods", default="fair,uniform-l1,uniform-random,torch-pruning")
     ap.add_argument("--recover-seeds", default="0")
+    ap.add_argument("--methods", default=",".join(METHODS), help="what to measure (see above)")
+    ap.add_argument("--candidates", default="", help="FAIR methods with their own verdicts")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="keep the measured rows of the JSON")
     ap.add_argument("--report-only", action="store_true", help="rewrite the page from the JSON")
@@ -342,10 +475,14 @@ def main(argv: list[str] | None = None) -> int:
     args.levels = [float(v) for v in args.levels.split(",")]
     args.recover_levels = [float(v) for v in args.recover_levels.split(",") if v]
     args.recover_methods = [m for m in args.recover_methods.split(",") if m]
+    args.methods = [m for m in args.methods.split(",") if m]
+    for m in [*args.methods, *args.recover_methods]:
+        if m not in BASELINES:
+            spec(m)  # a misspelt method fails here, before any work
     args.epochs = 1.0
     torch.set_num_threads(args.threads)
     env = _env(argv)
-    env["command"] = "nice -n 5 .venv/bin/python -m bench.bench_study " + " ".join(argv)
+    env["command"] = "nice -n 10 .venv/bin/python -m bench.bench_study " + " ".join(argv)
     if args.resume and RESULTS_JSON.exists():
         prev = json.loads(RESULTS_JSON.read_text())
         keep = [r for r in prev["rows"] if "top1_bn" in r]  # errors are measured again
@@ -354,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         prev, keep = {"nets": []}, []
     out: dict[str, Any] = {"env": env, "recover_levels": args.recover_levels,
                            "recover_methods": args.recover_methods,
-                           "recover_seeds": args.recover_seeds, "nets": prev["nets"], "rows": keep}  # fmt: skip
+                           "recover_seeds": args.recover_seeds, "nets": prev["nets"], "rows": keep,
+                           "recovery_config": prev.get("recovery_config"),
+                           "candidates": [c for c in args.candidates.split(",") if c]}  # fmt: skip
     run(args, out, lambda: write(out))
     write(out)
     print(RESULTS_MD.read_text())

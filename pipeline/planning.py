@@ -4,10 +4,21 @@ A ToD 'unit of planning' is one layer, or one non-frozen channel group (U and R 
 members per channel; the same channel indices are removed from every member). Members of a
 frozen group, and groups with a member that was not scored (the output layer, a shared layer),
 are not pruned. Re-planning never re-scores: every per-layer ToD curve is computed once.
+
+For a global budget (`plan_for_budget`) the per-layer counts come from one of three allocations
+(`allocation`, recorded in the plan's `method["allocation"]` when not the default):
+`tod` (the method: one alpha for every layer, each layer's ToD count), `tod-capped:M` (ToD with
+no layer losing more than min(0.9, M x the uniform ratio that meets the budget), alpha re-solved)
+and `blend:W` (each layer's share W x its ToD share + (1 - W) x the uniform ratio, scaled by one
+factor to meet the budget). The units removed within a layer are always the lowest-U ones.
+How coupled members' scores are combined (`aggregate`): `sum` (the default), `max`, or `normsum`
+(each member divided by its own mean first, so no member dominates by scale). ToD reads only the
+orders of U and R, so a plain mean would plan exactly as the sum does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +35,51 @@ from pipeline.scores import Scores
 from pipeline.tod import count_from_curve, low_u_order, max_count, tod_curve
 
 METRICS = ("flops", "params")
+ALLOCATIONS = ("tod", "tod-capped", "blend")
+AGGREGATES = ("sum", "max", "normsum")
+MAX_CAP = 0.9  # tod-capped: no layer loses more than this share, whatever the multiple
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How a global budget is spread over layers: ToD's counts, capped, or blended with uniform.
+
+    `param` is the cap multiple M (tod-capped) or the ToD weight W (blend); unused for tod.
+    """
+
+    name: str = "tod"
+    param: float | None = None
+
+    @classmethod
+    def parse(cls, value: str | Allocation | None) -> Allocation:
+        """From 'tod', 'tod-capped[:M]' (M defaults to 1.5) or 'blend[:W]' (W defaults to 0.5)."""
+        if isinstance(value, Allocation):
+            return value
+        text = "tod" if value is None else str(value).strip()
+        name, _, arg = text.partition(":")
+        if name not in ALLOCATIONS:
+            raise PlanError(
+                f"allocation={value!r} is not one of {', '.join(ALLOCATIONS)}; "
+                "use e.g. 'tod', 'tod-capped:1.5' or 'blend:0.5'"
+            )
+        if name == "tod":
+            if arg:
+                raise PlanError(f"allocation={value!r}: 'tod' takes no parameter; use 'tod'")
+            return cls()
+        default = 1.5 if name == "tod-capped" else 0.5
+        try:
+            x = float(arg) if arg else default
+        except ValueError as exc:
+            raise PlanError(f"allocation={value!r}: the parameter is not a number") from exc
+        ok = x >= 1.0 if name == "tod-capped" else 0.0 <= x <= 1.0
+        if not ok or math.isnan(x):
+            want = "a cap multiple >= 1, e.g. 1.5" if name == "tod-capped" else "W in [0, 1]"
+            raise PlanError(f"allocation={value!r}: give {want}")
+        return cls(name, x)
+
+    def to_json(self) -> dict[str, Any]:
+        key = "cap_multiple" if self.name == "tod-capped" else "tod_weight"
+        return {"name": self.name} if self.param is None else {"name": self.name, key: self.param}
 
 
 @dataclass
@@ -46,10 +102,18 @@ class _Target:
         k = k if self.max_k is None else min(k, self.max_k)
         return k if scale >= 1.0 else math.floor(scale * k + 1e-9)
 
+    @property
+    def n(self) -> int:
+        return int(self.curve.shape[0])
+
     def pruned(self, alpha: float, scale: float = 1.0) -> list[int]:
-        """The k lowest-U units; with conv groups, round(k / groups) lowest-U of each group
-        (rounded down where a cap would otherwise be passed)."""
-        k = self.count(alpha, scale)
+        """The ToD count's lowest-U units (see `take`)."""
+        return self.take(self.count(alpha, scale))
+
+    def take(self, k: int) -> list[int]:
+        """The k lowest-U units (k capped); with conv groups, round(k / groups) lowest-U of each
+        group (rounded down where a cap would otherwise be passed)."""
+        k = k if self.max_k is None else min(k, self.max_k)
         if self.segments is None:
             return sorted(int(i) for i in self.order[:k])
         out = segment_pick(self.order, self.segments, k)
@@ -94,10 +158,28 @@ def _check_model(scores: Scores, model: nn.Module | None) -> None:
         raise PlanError(f"the scores are for another model: {problem}; re-score this model")
 
 
+def aggregate_members(values: list[np.ndarray], how: str = "sum") -> np.ndarray:
+    """One score per channel from the coupled members' scores (see the module docstring)."""
+    v = np.asarray(values, dtype=np.float64)
+    if how == "sum":
+        return v.sum(axis=0)
+    if how == "max":
+        return v.max(axis=0)
+    if how == "normsum":
+        scale = np.abs(v).mean(axis=1, keepdims=True)
+        return (v / np.where(scale > 0, scale, 1.0)).sum(axis=0)
+    raise PlanError(f"aggregate={how!r} is not one of {', '.join(AGGREGATES)}")
+
+
 def _targets(
-    scores: Scores, groups: list[ChannelGroup] | None, controls: PlanControls | None = None
+    scores: Scores,
+    groups: list[ChannelGroup] | None,
+    controls: PlanControls | None = None,
+    aggregate: str = "sum",
 ) -> tuple[list[_Target], dict[str, str]]:
     """ToD problems (with their caps), plus {layer: why not pruned} for layers kept whole."""
+    if aggregate not in AGGREGATES:
+        raise PlanError(f"aggregate={aggregate!r} is not one of {', '.join(AGGREGATES)}")
     controls = controls or PlanControls()
     units = {n: ls.n_units for n, ls in scores.layers.items()}
     held, caps = controls.resolve(units, [*scores.graph, *scores.output_layers])
@@ -146,8 +228,8 @@ def _targets(
                     f"layer {m!r} is in two channel groups ({grouped[m].name!r}, {g.name!r})"
                 )
             grouped[m] = g
-        u = np.sum([scores.layers[m].U for m in g.members], axis=0)
-        r = np.sum([scores.layers[m].R for m in g.members], axis=0)
+        u = aggregate_members([scores.layers[m].U for m in g.members], aggregate)
+        r = aggregate_members([scores.layers[m].R for m in g.members], aggregate)
         cap = min((caps[m] for m in g.members if m in caps), default=None)
         segs = g.extra.get("conv_groups")
         targets.append(
@@ -181,10 +263,12 @@ def _build(
     extra: dict[str, Any] | None = None,
     scale: float = 1.0,
     controls: PlanControls | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Plan:
+    """The plan of ToD counts at (alpha, scale), or of the given {target name: count}."""
     layers: dict[str, LayerPlan] = {}
     for t in targets:
-        pruned = t.pruned(alpha, scale)
+        pruned = t.pruned(alpha, scale) if counts is None else t.take(counts[t.name])
         for m in t.members:
             layers[m] = LayerPlan(
                 name=m, n_units=scores.layers[m].n_units, pruned=list(pruned), group=t.group
@@ -225,13 +309,15 @@ def plan(
     groups: list[ChannelGroup] | None = None,
     model: nn.Module | None = None,
     controls: PlanControls | None = None,
+    aggregate: str = "sum",
 ) -> Plan:
     """The FAIR plan at level alpha: per layer (or group) remove D_k, k from the ToD rule
     (capped, or not at all for ignored layers, by `controls`)."""
     a = _check_alpha(alpha)
     _check_model(scores, model)
-    targets, held = _targets(scores, groups, controls)
-    return _build(scores, targets, held, a, groups, controls=controls)
+    targets, held = _targets(scores, groups, controls, aggregate)
+    extra = {} if aggregate == "sum" else {"aggregate": aggregate}
+    return _build(scores, targets, held, a, groups, extra, controls=controls)
 
 
 def alpha_breakpoints(targets: list[_Target]) -> np.ndarray:
@@ -257,6 +343,8 @@ def plan_for_budget(
     strict: bool = True,
     max_alpha: float = 0.5,
     controls: PlanControls | None = None,
+    allocation: str | Allocation = "tod",
+    aggregate: str = "sum",
 ) -> Plan:
     """The plan with the smallest alpha that removes at least `target` of the metric.
 
@@ -265,7 +353,9 @@ def plan_for_budget(
     removes at most n / (2 - alpha) units of a layer; alphas above `max_alpha` are not searched
     (there more than half of the removed units would be ones the loss needs). When even the
     largest alpha falls short, raise PlanError (strict) or return that largest plan
-    (strict=False); the method records the share reached either way.
+    (strict=False); the method records the share reached either way. `allocation` and
+    `aggregate` choose how counts are spread over layers and how group members combine (module
+    docstring); the default is the method's ToD with summed members.
     """
     try:
         t = float(target)
@@ -277,33 +367,143 @@ def plan_for_budget(
         raise PlanError(f"target={target!r} is outside (0, 1); give the share to remove, e.g. 0.3")
     if metric not in METRICS:
         raise PlanError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
+    alloc = Allocation.parse(allocation)
     _check_model(scores, model)
     cost = cost if cost is not None else ScoresCostModel(scores)
-    targets, held = _targets(scores, groups, controls)
+    targets, held = _targets(scores, groups, controls, aggregate)
     top_alpha = _check_alpha(max_alpha)
+    extra: dict[str, Any] = {} if aggregate == "sum" else {"aggregate": aggregate}
+    if alloc.name == "tod":
+        return _tod_for_budget(scores, targets, held, groups, cost, metric, t, strict, top_alpha,
+                               controls, extra)  # fmt: skip
+    solve = _Solver(scores, targets, held, groups, cost, metric, controls, extra)
+    ratio = solve.uniform_ratio(t)
+    if alloc.name == "tod-capped":
+        cap = min(MAX_CAP, float(alloc.param or 1.5) * ratio)
+        capped = [dataclasses.replace(x, max_k=_min_cap(x, cap)) for x in targets]
+        extra["allocation"] = {**alloc.to_json(), "uniform_ratio": ratio, "cap": cap}
+        return _tod_for_budget(scores, capped, held, groups, cost, metric, t, strict, top_alpha,
+                               controls, extra)  # fmt: skip
+    tod = _tod_for_budget(scores, targets, held, groups, cost, metric, t, False, top_alpha,
+                          controls, dict(extra))  # fmt: skip
+    w = float(alloc.param if alloc.param is not None else 0.5)
+    share = {x.name: w * len(tod.layers[x.members[0]].pruned) / x.n + (1 - w) * ratio
+             for x in targets}  # fmt: skip
+    scale, best, got = solve.scaled(share, t)
+    best.method["alpha"] = tod.method["alpha"]
+    best.method["budget"] = {"metric": metric, "target": t, "achieved": got}
+    best.method["allocation"] = {**alloc.to_json(), "uniform_ratio": ratio, "scale": scale,
+                                 "tod_achieved": tod.method["budget"]["achieved"]}  # fmt: skip
+    if got < t and strict:
+        raise PlanError(
+            f"the blended allocation removes at most {got:.1%} of {metric} here (asked {t:.1%}); "
+            "lower the target"
+        )
+    return best
+
+
+def _min_cap(t: _Target, share: float) -> int:
+    """The stricter of the target's cap and floor(share * n)."""
+    k = int(math.floor(share * t.n + 1e-9))
+    return k if t.max_k is None else min(k, t.max_k)
+
+
+@dataclass
+class _Solver:
+    """Plans from explicit per-target counts: the uniform ratio, and a common scale of shares."""
+
+    scores: Scores
+    targets: list[_Target]
+    held: dict[str, str]
+    groups: list[ChannelGroup] | None
+    cost: CostModel
+    metric: str
+    controls: PlanControls | None
+    extra: dict[str, Any]
+
+    def removed(self, counts: dict[str, int]) -> tuple[Plan, float]:
+        p = _build(self.scores, self.targets, self.held, 0.0, self.groups, dict(self.extra),
+                   controls=self.controls, counts=counts)  # fmt: skip
+        return p, 1.0 - float(self.cost.remaining(p)[self.metric])
+
+    def uniform_ratio(self, target: float, tol: float = 1e-4) -> float:
+        """The smallest ratio r whose counts min(round(r n), n - 1) (lowest U, as the uniform
+        baselines count) remove `target`; 0.99 when even that falls short."""
+
+        def counts(r: float) -> dict[str, int]:
+            return {x.name: min(int(round(r * x.n)), max(x.n - 1, 0)) for x in self.targets}
+
+        lo, hi = 0.0, 0.99
+        if self.removed(counts(hi))[1] < target:
+            return hi
+        while hi - lo > tol:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if self.removed(counts(mid))[1] >= target else (mid, hi)
+        return hi
+
+    def scaled(self, share: dict[str, float], target: float) -> tuple[float, Plan, float]:
+        """(scale, plan, share removed) for the smallest common scale s whose counts
+        min(round(s * share * n), ToD's floor(0.99 n)) remove `target` (the largest when none do)."""
+
+        def counts(s: float) -> dict[str, int]:
+            return {x.name: min(int(round(s * share[x.name] * x.n)), max_count(x.n))
+                    for x in self.targets}  # fmt: skip
+
+        positive = [v for v in share.values() if v > 0]
+        if not positive:
+            raise PlanError("the blended allocation prunes no layer; raise the target")
+        top = 1.0 / min(positive)  # every count at its ceiling
+        lo, hi = 0.0, 1.0
+        while hi < top and self.removed(counts(hi))[1] < target:
+            lo, hi = hi, min(2 * hi, top)
+        plan_hi, got = self.removed(counts(hi))
+        if got < target:
+            return hi, plan_hi, got
+        while hi - lo > 1e-4 * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if self.removed(counts(mid))[1] >= target else (mid, hi)
+        plan_hi, got = self.removed(counts(hi))
+        return hi, plan_hi, got
+
+
+def _tod_for_budget(
+    scores: Scores,
+    targets: list[_Target],
+    held: dict[str, str],
+    groups: list[ChannelGroup] | None,
+    cost: CostModel,
+    metric: str,
+    t: float,
+    strict: bool,
+    top_alpha: float,
+    controls: PlanControls | None,
+    extra: dict[str, Any],
+) -> Plan:
+    """ToD counts (within the targets' caps) at the smallest alpha meeting the budget."""
     alphas = alpha_breakpoints(targets)
     alphas = alphas[alphas <= top_alpha]
     if alphas.size == 0:
         raise PlanError("no layer can be pruned by the ToD rule (all layers are one unit or held)")
 
     def removed(a: float) -> tuple[Plan, float]:
-        p = _build(scores, targets, held, float(a), groups, controls=controls)
+        p = _build(scores, targets, held, float(a), groups, dict(extra), controls=controls)
         return p, 1.0 - float(cost.remaining(p)[metric])
 
     top_plan, top = removed(alphas[-1])
     if top < t:
         if strict:
+            capped = " with the allocation's per-layer cap" if "allocation" in extra else ""
             raise PlanError(
                 f"one FAIR round removes at most {top:.1%} of {metric} here at alpha <= "
-                f"{top_alpha} (asked {t:.1%}); lower the target, or prune, re-score and plan "
-                "again (another round)"
+                f"{top_alpha}{capped} (asked {t:.1%}); lower the target, or prune, re-score and "
+                "plan again (another round)"
             )
         top_plan.method["budget"] = {"metric": metric, "target": t, "achieved": top}
         return top_plan
     floor = removed(alphas[0])[1]
     if floor > t:
         return _below_floor(scores, targets, held, float(alphas[0]), groups, cost, metric, t,
-                            floor, controls=controls)  # fmt: skip
+                            floor, controls=controls, extra=extra)  # fmt: skip
     best, got = removed(alphas[_first_meeting(alphas, lambda a: removed(a)[1], t)])
     best.method["budget"] = {"metric": metric, "target": t, "achieved": got}
     return best
@@ -340,6 +540,7 @@ def _below_floor(
     target: float,
     floor: float,
     controls: PlanControls | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Plan:
     """Light pruning: the target is below what the smallest ToD level removes.
 
@@ -351,7 +552,8 @@ def _below_floor(
     """
 
     def removed(s: float) -> tuple[Plan, float]:
-        p = _build(scores, targets, held, alpha, groups, scale=s, controls=controls)
+        p = _build(scores, targets, held, alpha, groups, dict(extra or {}), scale=s,
+                   controls=controls)  # fmt: skip
         return p, 1.0 - float(cost.remaining(p)[metric])
 
     scales = scale_breakpoints(targets, alpha)  # removed(scales[-1] = 1.0) = floor > target
