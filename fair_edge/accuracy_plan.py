@@ -95,7 +95,8 @@ def plan_for_accuracy(
             p = given
         else:
             p = plan_for_budget(scores, target, "flops", cost, groups, model, strict=False,
-                                controls=plan_controls(opts))  # fmt: skip
+                                controls=plan_controls(opts),
+                                allocation=opts.allocation)  # fmt: skip
             multiple = channel_multiple(opts, profile)
             if opts.round and multiple > 1:
                 p = round_plan(p, scores, multiple, mode="nearest", groups=groups)

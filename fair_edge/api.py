@@ -90,6 +90,7 @@ def prune(
     *,
     tod: float | None = None,
     metric: str = "flops",
+    allocation: str = "tod",
     ignore_layers: Sequence[str] | str | None = None,
     max_layer_ratio: float | None = None,
     layer_ratio_caps: Mapping[str, float] | None = None,
@@ -104,7 +105,8 @@ def prune(
     """Prune `model` with FAIR: remove a `target` share of `metric`, or prune at ToD level `tod`
     (0.05 when neither is given). `data`: labelled (or unlabelled: the model's own top-1 is
     used) calibration data. `ignore_layers`/`max_layer_ratio`/`layer_ratio_caps` keep layers
-    out or cap them (see pipeline.controls); `round_to` rounds kept channels to a multiple
+    out or cap them (see pipeline.controls); `allocation` spreads a `target` over layers
+    (pipeline.planning: 'tod', 'tod-capped:M', 'blend:W'); `round_to` rounds kept channels to a multiple
     (`round_mode` nearest for a target, up for a ToD level, by default). The model itself is
     not changed."""
     from calibration.sampling import balanced_sample
@@ -133,7 +135,7 @@ def prune(
                    projections=projections, seed=seed, progress=progress)  # fmt: skip
     if target is not None:
         p = plan_for_budget(scores, target, metric, cost=cost, groups=groups, model=model,
-                            controls=controls)  # fmt: skip
+                            controls=controls, allocation=allocation)  # fmt: skip
     else:
         p = plan(scores, 0.05 if tod is None else tod, groups=groups, model=model,
                  controls=controls)  # fmt: skip

@@ -146,6 +146,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "ignore_layers": {"type": _names, "help": "layers never pruned: names or shell patterns, "
                       "comma-separated (e.g. 'stem.*,head')"},
     "max_layer_ratio": {"type": float, "help": "the largest share of any layer's units removed"},
+    "allocation": {"help": "how a budget is spread over layers: tod (default), tod-capped:M (no "
+                   "layer loses more than M x the uniform ratio, e.g. tod-capped:1.5) or blend:W"},
     "round_to": {"type": int, "help": "round kept channels to this multiple (instead of the "
                  "device profile's channel_multiple)"},
     "opset": {"type": int, "help": "ONNX opset of the exports, 17 to 20 (default 17)"},
@@ -156,7 +158,7 @@ DATA = ["data", "seed", "image_size", "channels", "mean", "std", "normalize", "r
         "labels_file"]  # fmt: skip
 SCORING = ["samples_per_class", "projections", "where", "max_memory", "cache"]
 PLANNING = ["device", "tod", "target", "metric", "latency_ms", "round", "round_mode",
-            "round_to", "ignore_layers", "max_layer_ratio"]  # fmt: skip
+            "round_to", "ignore_layers", "max_layer_ratio", "allocation"]  # fmt: skip
 GPU = ["provider", "precision", "trt_cache", "workspace_mb"]
 MEASURE = ["device", "run_on", "runs", "warmup", *GPU]
 RECOVERY = ["recover_data", "recover_epochs", "recover_steps", "recover_lr", "recover_optimizer",

@@ -66,6 +66,9 @@ class Options:
     target: float | None = None
     """Remove this share of `metric` (0.3 = 30% of FLOPs; searches the ToD level) instead of --tod."""
     metric: str = "flops"
+    allocation: str = "tod"
+    """How a --target (or --max-drop, --rounds) budget is spread over layers: 'tod' (one ToD
+    level for all), 'tod-capped:M' (no layer loses more than M x the uniform ratio), 'blend:W'."""
     latency_ms: float | None = None
     """Plan for this p50 latency on --device (searched with its measured latency model, then
     confirmed by measuring where the device can be reached) instead of --tod or --target."""
@@ -287,6 +290,14 @@ class Options:
             raise ConfigError(
                 f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}"
             )
+        if self.allocation != "tod":  # the parser lives with the planner (which loads torch)
+            from pipeline.plan import PlanError
+            from pipeline.planning import Allocation
+
+            try:
+                Allocation.parse(self.allocation)
+            except PlanError as exc:
+                raise ConfigError(f"--allocation: {exc}") from exc
         if self.max_layer_ratio is not None and not 0.0 <= self.max_layer_ratio < 1.0:
             raise ConfigError(
                 f"--max-layer-ratio is the largest share of a layer removed, in [0, 1), got "

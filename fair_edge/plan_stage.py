@@ -182,6 +182,7 @@ def make_plan(
             groups=groups,
             model=model,
             controls=controls,
+            allocation=opts.allocation,
         )
     else:
         result = plan(

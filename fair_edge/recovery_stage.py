@@ -258,7 +258,8 @@ def prune_in_rounds(
                        projections=opts.projections, seed=opts.seed, where=opts.where,
                        progress=False, max_memory=opts.max_memory)  # fmt: skip
         p = plan_for_budget(scores, min(rel, 0.95), "flops", cost, groups, current, strict=False,
-                            controls=plan_controls(opts))  # fmt: skip
+                            controls=plan_controls(opts),
+                            allocation=opts.allocation)  # fmt: skip
         if opts.round and channel_multiple > 1:
             p = round_plan(p, scores, channel_multiple, mode="nearest", groups=groups)
         student = prune_torch(current, p, x1, proto)

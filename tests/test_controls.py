@@ -117,3 +117,17 @@ def test_rounding_never_passes_a_cap() -> None:
     assert round_plan(free, u, 8, mode="down").layers["a"].kept == 24  # would prune 8 > 7
     assert round_plan(capped, u, 8, mode="down").layers["a"].kept == 32
     assert round_plan(capped, u, 8, mode="nearest").layers["a"].kept == 32
+
+
+def test_allocation_option_caps_every_layer_and_is_recorded(common: list[str]) -> None:
+    free = _plan([*common, "--target", "0.3", "--no-round"])
+    p = _plan([*common, "--target", "0.3", "--no-round", "--allocation", "tod-capped:1.25"])
+    alloc = p.method["allocation"]
+    assert alloc["name"] == "tod-capped" and alloc["cap_multiple"] == 1.25
+    cap = alloc["cap"]
+    # binding caps against the same scores: tests/test_allocation.py; here: the CLI passes it on
+    for name, lp in p.layers.items():
+        assert len(lp.pruned) <= cap * lp.n_units + 1e-9, name
+    assert "allocation" not in free.method
+    line = cli_error(["plan", *common, "--target", "0.5", "--allocation", "even"])
+    assert line.startswith("fair-edge: error: --allocation") and "tod-capped:1.5" in line
