@@ -8,22 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from score_data import data, small_resnet_scores
 
 from pipeline.baselines import uniform_plan_for_budget
 from pipeline.cost import ScoresCostModel
 from pipeline.groups import ChannelGroup
-from pipeline.models import VGG, ResNet
+from pipeline.models import VGG
 from pipeline.plan import PlanError
 from pipeline.planning import Allocation, aggregate_members, plan, plan_for_budget
 from pipeline.scoring import score
 from pipeline.tod import pruned_units
-
-
-def data(n_classes: int, per_class: int, shape: tuple[int, ...]):
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(n_classes * per_class) % n_classes
-    x = torch.randn(len(y), *shape, generator=g) + 0.3 * y.float().view(-1, *([1] * len(shape)))
-    return x, y
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +30,7 @@ def vgg_scores():
 
 @pytest.fixture(scope="module")
 def resnet_scores():
-    torch.manual_seed(0)
-    model = ResNet(blocks=(1, 1), widths=(8, 16), num_classes=4)
-    x, y = data(4, 6, (3, 8, 8))
-    return model, score(model, (x, y), samples_per_class=6, projections=8, progress=False)
+    return small_resnet_scores()
 
 
 def shares(p) -> dict[str, float]:

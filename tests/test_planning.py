@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from score_data import data, small_resnet_scores
 from torch import nn
 
 from pipeline.cost import CostModel, ScoresCostModel
@@ -19,19 +20,9 @@ from pipeline.scoring import score
 from pipeline.tod import pruned_units, tod_count
 
 
-def data(n_classes: int, per_class: int, shape: tuple[int, ...]):
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(n_classes * per_class) % n_classes
-    x = torch.randn(len(y), *shape, generator=g) + 0.3 * y.float().view(-1, *([1] * len(shape)))
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def resnet_scores():
-    torch.manual_seed(0)
-    model = ResNet(blocks=(1, 1), widths=(8, 16), num_classes=4)
-    x, y = data(4, 6, (3, 8, 8))
-    return model, score(model, (x, y), samples_per_class=6, projections=8, progress=False)
+    return small_resnet_scores()
 
 
 @pytest.fixture(scope="module")
