@@ -19,7 +19,7 @@ from torch import nn
 from pipeline.cost import CostModel
 from pipeline.groups import ChannelGroup
 from pipeline.plan import LayerPlan, ModelFingerprint, Plan, PlanError
-from pipeline.planning import segment_pick
+from pipeline.planning import segment_pick, smallest_reaching
 
 
 def _weight(model: nn.Module, name: str) -> np.ndarray:
@@ -160,18 +160,11 @@ def uniform_plan_for_budget(
         )
         return p, 1.0 - float(cost.remaining(p)[metric])
 
-    lo, hi = 0.0, 0.99
-    top, removed = build(hi)
+    removed = build(0.99)[1]
     if removed < target:
         raise PlanError(
             f"uniform pruning removes at most {removed:.1%} of {metric} here (asked {target:.1%})"
         )
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        if build(mid)[1] >= target:
-            hi = mid
-        else:
-            lo = mid
-    best, got = build(hi)
+    best, got = build(smallest_reaching(0.0, 0.99, lambda r: build(r)[1] >= target, tol))
     best.method["budget"] = {"metric": metric, "target": target, "achieved": got}
     return best

@@ -433,13 +433,9 @@ class _Solver:
         def counts(r: float) -> dict[str, int]:
             return {x.name: min(int(round(r * x.n)), max(x.n - 1, 0)) for x in self.targets}
 
-        lo, hi = 0.0, 0.99
-        if self.removed(counts(hi))[1] < target:
-            return hi
-        while hi - lo > tol:
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if self.removed(counts(mid))[1] >= target else (mid, hi)
-        return hi
+        if self.removed(counts(0.99))[1] < target:
+            return 0.99
+        return smallest_reaching(0.0, 0.99, lambda r: self.removed(counts(r))[1] >= target, tol)
 
     def scaled(self, share: dict[str, float], target: float) -> tuple[float, Plan, float]:
         """(scale, plan, share removed) for the smallest common scale s whose counts
@@ -459,9 +455,8 @@ class _Solver:
         plan_hi, got = self.removed(counts(hi))
         if got < target:
             return hi, plan_hi, got
-        while hi - lo > 1e-4 * hi:
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if self.removed(counts(mid))[1] >= target else (mid, hi)
+        reaches = lambda s: self.removed(counts(s))[1] >= target  # noqa: E731
+        hi = smallest_reaching(lo, hi, reaches, 1e-4, relative=True)
         plan_hi, got = self.removed(counts(hi))
         return hi, plan_hi, got
 
@@ -519,6 +514,17 @@ def _first_meeting(values: np.ndarray, share: Callable[[float], float], target: 
             hi = mid
         else:
             lo = mid + 1
+    return hi
+
+
+def smallest_reaching(
+    lo: float, hi: float, reaches: Callable[[float], bool], tol: float, relative: bool = False
+) -> float:
+    """The smallest x in (lo, hi] with reaches(x), to within tol (x tol when relative), by
+    bisection: reaches only turns true as x grows, and reaches(hi) is known to be true."""
+    while hi - lo > (tol * hi if relative else tol):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
     return hi
 
 
