@@ -335,6 +335,13 @@ def add_weights_as_inputs(sk: onnx.ModelProto, initializers: Any, max_elems: int
 
 def inferred_shapes(model: onnx.ModelProto, strict: bool = False) -> dict[str, list[int | None]]:
     """Static dims (None where symbolic) of every tensor ONNX shape inference can type."""
+    return inferred_types_and_shapes(model, strict)[1]
+
+
+def inferred_types_and_shapes(
+    model: onnx.ModelProto, strict: bool = False
+) -> tuple[dict[str, int], dict[str, list[int | None]]]:
+    """({tensor: ONNX element type}, {tensor: static dims}) from one shape inference pass."""
     try:
         inferred = onnx.shape_inference.infer_shapes(
             skeleton(model), strict_mode=strict, data_prop=True
@@ -344,10 +351,12 @@ def inferred_shapes(model: onnx.ModelProto, strict: bool = False) -> dict[str, l
             raise
         inferred = model
     shapes: dict[str, list[int | None]] = {}
+    types: dict[str, int] = {}
     for vi in (
         list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
     ):
         t = vi.type.tensor_type
+        types[vi.name] = t.elem_type
         if t.HasField("shape"):
             shapes[vi.name] = [
                 d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
@@ -356,7 +365,7 @@ def inferred_shapes(model: onnx.ModelProto, strict: bool = False) -> dict[str, l
         _fill_symbolic(model, shapes)
     for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
-    return shapes
+    return types, shapes
 
 
 def _fill_symbolic(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> None:
@@ -406,7 +415,7 @@ class ChannelGraph:
         self._const_nodes = {
             n.output[0]: n for n in self.nodes if n.op_type == "Constant" and len(n.output) == 1
         }
-        self.shapes = inferred_shapes(model)
+        self.types, self.shapes = inferred_types_and_shapes(model)
         self.uf = _UnionFind()
         self.owner: list[tuple[str, int]] = []
         self.descs: dict[str, ChanDesc] = {}

@@ -358,13 +358,9 @@ def compare_models(
 
 
 def _float_tensors(graph: ChannelGraph) -> list[str]:
-    """Names of the float tensors the original graph's nodes compute (not its outputs).
-
-    Types come from shape inference on the weightless skeleton: the same types, without
-    serialising every weight (seconds on a ResNet-50).
-    """
-    inferred = onnx.shape_inference.infer_shapes(skeleton(graph.model))
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    """Names of the float tensors the original graph's nodes compute (not its outputs); their
+    types come from the channel analysis's own shape inference pass."""
+    types = graph.types
     outputs = {o.name for o in graph.model.graph.output}
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
     return [o for n in graph.nodes for o in n.output
