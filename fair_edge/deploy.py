@@ -658,8 +658,8 @@ def deploy(
             verify_x=calibration_subset(inp.calibration, VERIFY_SAMPLES, opts.seed),
             model=inp.source.model,
             notes=notes,
+            timings=timings,
         )
-        r.timings = timings
         for name, stage in STAGES:
             bar.set_description(name)
             start = time.perf_counter()
