@@ -129,5 +129,7 @@ def test_allocation_option_caps_every_layer_and_is_recorded(common: list[str]) -
     for name, lp in p.layers.items():
         assert len(lp.pruned) <= cap * lp.n_units + 1e-9, name
     assert "allocation" not in free.method
-    line = cli_error(["plan", *common, "--target", "0.5", "--allocation", "even"])
+    fresh = [*common[:-1], str(Path(common[-1]).with_name("out-bad"))]
+    line = cli_error(["deploy", *fresh, "--target", "0.5", "--allocation", "even"])
     assert line.startswith("fair-edge: error: --allocation") and "tod-capped:1.5" in line
+    assert not Path(fresh[-1]).exists()  # nothing written
