@@ -24,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,10 +44,48 @@ def batches(k: int, spc: int, size: int, seed: int = 0) -> Iterator[tuple]:
         yield x, y
 
 
+class RssTimeline:
+    """Resident memory sampled every `every` seconds in a background thread (/proc/self/statm),
+    so a row shows when the peak happened, not only how high it was."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.every = every
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * self._page
+            self.samples.append((time.perf_counter() - t0, rss))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> RssTimeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def profile(self, slices: int = 40) -> list[float]:
+        """The highest sample (GB) in each of `slices` equal slices of the run's wall time."""
+        if not self.samples:
+            return []
+        end = self.samples[-1][0] or 1.0
+        top = [0] * slices
+        for t, rss in self.samples:
+            i = min(slices - 1, int(slices * t / end))
+            top[i] = max(top[i], rss)
+        return [round(v / 1e9, 3) for v in top]
+
+
 def child(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(args.root).resolve()))
     import torch
-    import torch.nn.functional as F
 
     from pipeline.zoo import torchvision_model
 
@@ -54,6 +93,23 @@ def child(args: argparse.Namespace) -> dict:
     model = torchvision_model(args.model).eval()
     out: dict = {"kind": args.child, "classes": args.classes, "spc": args.spc, "size": args.size}
     w, c = time.perf_counter(), time.process_time()
+    with RssTimeline() as timeline:
+        run_measured(args, model, out)
+    out["wall_s"] = time.perf_counter() - w
+    out["cpu_s"] = time.process_time() - c
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    out["rss_profile_gb"] = timeline.profile()
+    out["samples"] = args.classes * args.spc
+    out["root"] = str(Path(args.root).resolve())
+    out["threads"] = torch.get_num_threads()
+    out["end"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return out
+
+
+def run_measured(args: argparse.Namespace, model: object, out: dict) -> None:
+    """The measured work of one child: a plain forward+backward, or score()."""
+    import torch.nn.functional as F
+
     if args.child == "fwdbwd":
         b = args.fwdbwd_batch
         for x, y in batches(args.classes, args.spc, args.size):
@@ -75,15 +131,8 @@ def child(args: argparse.Namespace) -> dict:
         score(model, batches(args.classes, args.spc, args.size), samples_per_class=args.spc,
               max_classes=args.classes, progress=args.progress, **kw)  # fmt: skip
         out["plan"] = lines[0] if lines else "batch 64, U in memory (no budget)"
+        out["log"] = lines[1:]
         out["max_memory"] = args.max_memory if args.child == "score" else None
-    out["wall_s"] = time.perf_counter() - w
-    out["cpu_s"] = time.process_time() - c
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    out["samples"] = args.classes * args.spc
-    out["root"] = str(Path(args.root).resolve())
-    out["threads"] = torch.get_num_threads()
-    out["end"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    return out
 
 
 def run_child(kind: str, k: int, spc: int, args: argparse.Namespace, root: str) -> dict:

@@ -83,6 +83,21 @@ def used_bytes(device: torch.device) -> int:
         return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def peak_bytes(device: torch.device) -> int | None:
+    """The process's peak so far: VmHWM on Linux CPU, peak allocated memory on CUDA; None where
+    neither is known. Logged beside the plan's estimate, so a user sees how close it came."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def available_bytes(device: torch.device) -> int:
     """What the machine (or the GPU) still has free."""
     if device.type == "cuda":

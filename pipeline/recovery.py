@@ -186,6 +186,14 @@ class Dist:
         td.all_reduce(t)
         return t.tolist()
 
+    def device(self) -> torch.device:
+        """Where this process computes: its own GPU (cuda:LOCAL_RANK) under NCCL, else the CPU."""
+        import torch.distributed as td
+
+        if self.world > 1 and td.get_backend() == "nccl":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as td
@@ -194,11 +202,15 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when launched by torchrun."""
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when launched by torchrun;
+    under NCCL each process takes the GPU of its LOCAL_RANK first (NCCL refuses two ranks on
+    one GPU), so put the model on Dist.device()."""
     import torch.distributed as td
 
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not td.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         td.init_process_group(backend)
     return Dist.current()
 

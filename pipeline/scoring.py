@@ -65,6 +65,7 @@ from pipeline.membudget import (
     default_budget,
     gb,
     parse_size,
+    peak_bytes,
     plan_memory,
     release_free_memory,
     used_bytes,
@@ -699,6 +700,7 @@ def score(
             log.info(plan.line())
             share = _Share.of(sel, plan.batch_size, dist)
             store = _make_store(plan, share.rows[dist.rank], sel.x.shape[0], mdev)
+            peaks = [peak_bytes(mdev)]
             try:
                 model.train(reference_compat)
                 r_signed, positions, where_used = _run_pass(
@@ -714,9 +716,12 @@ def score(
                     store,
                     dist,
                 )
+                peaks.append(peak_bytes(mdev))
                 util = _utilization(
                     store, probe.candidates, share, len(sel.classes), mdev, progress, dist
                 )
+                peaks.append(peak_bytes(mdev))
+                log.info(_peak_line(plan, peaks))
             finally:
                 store.close()
         layers: dict[str, LayerScores] = {}
@@ -998,6 +1003,19 @@ def _memory_plan(
         td.all_reduce(agreed, op=td.ReduceOp.MIN)
         plan = dataclasses.replace(plan, batch_size=int(agreed[0]), chunk_bytes=int(agreed[1]))
     return plan
+
+
+def _peak_line(plan: MemoryPlan, peaks: list[int | None]) -> str:
+    """The estimate beside the process's peak (VmHWM: whole-process, so it is read before the
+    pass too, to tell a peak set by earlier work from one set by scoring)."""
+    est = f"memory: estimated peak {plan.estimated_peak / 1e9:.2f} GB"
+    if any(p is None for p in peaks):
+        return f"{est}, measured peak not available"
+    before, after_pass, after_w1 = (f"{p / 1e9:.2f} GB" for p in peaks)  # type: ignore[operator]
+    return (
+        f"{est}; process peak {before} before the scoring pass, {after_pass} after it, "
+        f"{after_w1} after the W1 step (budget {plan.budget / 1e9:.2f} GB)"
+    )
 
 
 def _make_store(plan: MemoryPlan, rows: int, n_total: int, device: torch.device) -> UStore:

@@ -18,7 +18,7 @@ from pipeline.scoring import score  # noqa: E402
 def main(out: Path, u_store: str) -> None:
     dist = init_distributed()
     x, y = digits_data()
-    scores = score(digits_cnn(), (x, y), samples_per_class=9, batch_size=16, u_store=u_store,
+    scores = score(digits_cnn().to(dist.device()), (x, y), samples_per_class=9, batch_size=16, u_store=u_store,
                    progress=False)  # fmt: skip
     if dist.rank == 0:
         scores.save(out)

@@ -21,7 +21,14 @@ import torch
 from cli_helpers import cli_error
 from scoring_setup import digits_cnn, digits_data
 
-from pipeline.membudget import default_budget, parse_size, plan_memory, reserve, used_bytes
+from pipeline.membudget import (
+    default_budget,
+    parse_size,
+    peak_bytes,
+    plan_memory,
+    reserve,
+    used_bytes,
+)
 from pipeline.scores import Scores, ScoringError
 from pipeline.scoring import pairwise_w1_max, score
 from pipeline.ustore import DiskStore, MemoryStore
@@ -200,3 +207,37 @@ def test_activation_estimate_counts_the_batch_not_the_whole_calibration_tensor()
     assert as_view == alone > 0
     conv_out = 96 * 8 * 8 * 4  # the BatchNorm saves the first conv's output: one sample's bytes
     assert conv_out <= alone < 20 * conv_out
+
+
+def test_the_measured_peak_is_logged_beside_the_estimate(caplog: pytest.LogCaptureFixture) -> None:
+    """The log says how close the plan came: its estimate, then the process's peak (VmHWM)
+    before the pass, after it and after W1. A block allocated in the loss, 300 MB above any
+    earlier peak, must show in the peak after the pass and not in the one before it."""
+    import re
+
+    cpu = torch.device("cpu")
+    x, y = digits_data()
+    extra = 300 * 2**20
+    grown: list[int] = []
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not grown:
+            n = peak_bytes(cpu) - used_bytes(cpu) + extra
+            torch.ones(n // 4).add_(1.0)  # resident for a moment, then freed
+            grown.append(n)
+        return torch.nn.functional.cross_entropy(out, target)
+
+    with caplog.at_level("INFO", logger="pipeline.scoring"):
+        score(digits_cnn(), (x, y), samples_per_class=9, progress=False, max_memory="8G",
+              loss=loss)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if "process peak" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    m = re.fullmatch(
+        r"memory: estimated peak ([\d.]+) GB; process peak ([\d.]+) GB before the scoring "
+        r"pass, ([\d.]+) GB after it, ([\d.]+) GB after the W1 step \(budget 8\.00 GB\)",
+        lines[0],
+    )
+    assert m, lines[0]
+    _, before, after_pass, after_w1 = (float(v) * GB for v in m.groups())
+    assert grown and after_pass >= before + 0.9 * extra
+    assert 0 < before <= after_pass <= after_w1 <= peak_bytes(cpu) + 0.01 * GB
