@@ -68,6 +68,7 @@ from pipeline.membudget import (
     peak_bytes,
     plan_memory,
     release_free_memory,
+    reserve,
     used_bytes,
 )
 from pipeline.plan import ModelFingerprint
@@ -284,10 +285,20 @@ def _select(
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int,
+    budget: int,
 ) -> _Selection:
-    """The first `spc` samples of each class in data order; a seeded class subset above the cap."""
+    """The first `spc` samples of each class in data order; a seeded class subset above the cap.
+    Stops in one line as soon as the samples kept so far no longer fit in the memory budget."""
     per_class: dict[int, list[torch.Tensor]] = {}
     taken: dict[int, int] = {}
+    in_use = used_bytes(device)
+    room, held = budget - reserve(budget) - in_use, 0
+    if room <= 0:
+        raise ScoringError(
+            f"scoring needs at least {gb(in_use + reserve(budget))} before any sample "
+            f"({gb(in_use)} in use, {gb(reserve(budget))} reserve) but the memory budget is "
+            f"{gb(budget)}; raise --max-memory"
+        )
     try:
         it = iter(_batches(data))
     except TypeError as exc:
@@ -324,6 +335,13 @@ def _select(
             rows = xb[idx.to(xb.device)].to(device)  # only the kept rows move to the device
             per_class.setdefault(c, []).append(rows.to(dtype) if rows.is_floating_point() else rows)
             taken[c] = taken.get(c, 0) + idx.numel()
+            held += per_class[c][-1].nbytes
+            if held > room:
+                raise ScoringError(
+                    f"the calibration samples alone pass the memory budget {gb(budget)} after "
+                    f"{sum(taken.values())} samples ({gb(held)} beside what is in use and the "
+                    "reserve); raise --max-memory or lower --samples-per-class"
+                )
     if not per_class:
         raise CalibrationError(
             "calibration data is empty: give at least 2 samples of each of 2 classes"
@@ -693,8 +711,8 @@ def score(
         raise ScoringError(f"batch_size={batch_size} must be positive")
     if u_store not in STORES:
         raise ScoringError(f"u_store={u_store!r} is not one of {', '.join(STORES)}")
-    budget = parse_size(max_memory) if max_memory is not None else None
     mdev, mdtype = _model_device_dtype(model)
+    budget = parse_size(max_memory) if max_memory is not None else default_budget(mdev)
     want = torch.device(device) if device is not None else mdev
     if want.type != mdev.type or (want.index is not None and want.index != mdev.index):
         raise ScoringError(f"the model is on {mdev} but device={device!r}; move the model first")
@@ -711,7 +729,7 @@ def score(
             torch.manual_seed(seed)
             model.eval()
             sel = _select(
-                model, data, samples_per_class, max_classes, seed, mdev, mdtype, batch_size
+                model, data, samples_per_class, max_classes, seed, mdev, mdtype, batch_size, budget
             )
             probe = _probe(model, sel.x[: min(2, sel.x.shape[0])])
             if not probe.candidates:
@@ -1009,14 +1027,13 @@ def _memory_plan(
     sel: _Selection,
     projections: int,
     max_batch: int,
-    budget: int | None,
+    budget: int,
     u_store: str,
     device: torch.device,
     dist: Dist,
 ) -> MemoryPlan:
     """The budget's plan; under torchrun the smallest batch and chunk of all processes, so every
     process cuts the same batches and unit chunks."""
-    budget = budget if budget is not None else default_budget(device)
     n = sel.x.shape[0]
     per_row = FLOAT_BYTES * sum(
         probe.graph[m]["weight_shape"][0] * (1 if probe.graph[m]["positions"] == 1 else projections)

@@ -272,7 +272,7 @@ def batches():
     for s in range(0, 1600, 64):
         yield torch.randn(64, 3, 64, 64, generator=g), torch.arange(s, s + 64) % 50
 before = peak_bytes(cpu)
-sel = _select(torch.nn.Identity(), batches(), 32, 50, 0, cpu, torch.float32, 64)
+sel = _select(torch.nn.Identity(), batches(), 32, 50, 0, cpu, torch.float32, 64, 8 * 10**9)
 print(sel.x.nbytes, before, peak_bytes(cpu))
 """
 
@@ -288,3 +288,26 @@ def test_selecting_the_samples_holds_them_about_once() -> None:
     nbytes, before, after = (int(v) for v in done.stdout.split())
     assert nbytes == 1600 * 3 * 64 * 64 * 4
     assert after - before < 1.5 * nbytes, (after - before) / nbytes
+
+
+def test_samples_past_the_budget_stop_the_reading_in_one_line() -> None:
+    """A budget with about 8 MB of room beside what is in use: reading 96 MB of calibration
+    samples stops at the batch that passes it, before the rest of the data is read."""
+    cpu = torch.device("cpu")
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(3600, 10)
+    )
+    read: list[int] = []
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        for s in range(0, 8000, 250):
+            read.append(s)
+            yield torch.randn(250, 3, 32, 32, generator=g), torch.arange(s, s + 250) % 10
+
+    budget = int((used_bytes(cpu) + reserve(0) + 8 * 2**20) * 32 / 31)
+    with pytest.raises(ScoringError) as err:
+        score(model, batches(), samples_per_class=800, progress=False, max_memory=budget)
+    assert str(err.value).startswith("the calibration samples alone pass the memory budget")
+    assert str(err.value).endswith("raise --max-memory or lower --samples-per-class")
+    assert 1 <= len(read) < 8, len(read)
