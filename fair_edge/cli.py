@@ -270,10 +270,18 @@ def cmd_score(opts: Options, args: argparse.Namespace) -> int:
     from fair_edge.data_checks import scoring_sample, short_warning
     from fair_edge.plan_stage import compute_scores
     from fair_edge.stage_cache import StageCache
+    from pipeline.recovery import init_distributed
 
     inp = _model_and_data(opts)
-    model = inp.source.require_torch("scoring")
-    scores, hit = compute_scores(model, inp.calibration, opts, StageCache.default(opts.cache))
+    dist = init_distributed()  # under torchrun: each process scores its share of the batches
+    model = inp.source.require_torch("scoring").to(dist.device())
+    cache = StageCache.default(opts.cache)
+    try:
+        scores, hit = compute_scores(model, inp.calibration, opts, cache, dist)
+    finally:
+        dist.close()
+    if dist.rank != 0:
+        return 0
     out = Path(opts.out) / f"{inp.source.name}.scores.npz"
     scores.save(out)
     sample = scoring_sample(inp.calibration, opts.samples_per_class, opts.seed)

@@ -21,16 +21,30 @@ from fair_edge.inputs import show_progress
 from fair_edge.stage_cache import StageCache, hash_arrays, hash_model
 from pipeline.controls import PlanControls
 from pipeline.plan import Plan
-from pipeline.scores import Scores
+from pipeline.recovery import Dist
+from pipeline.scores import Scores, ScoringError
 
 
 def compute_scores(
-    model: torch.nn.Module, cs: CalibrationSet, opts: Options, cache: StageCache
+    model: torch.nn.Module,
+    cs: CalibrationSet,
+    opts: Options,
+    cache: StageCache,
+    dist: Dist | None = None,
 ) -> tuple[Scores, bool]:
-    """FAIR scores of `model` on a seeded, class-balanced calibration draw; cached by content."""
+    """FAIR scores of `model` on a seeded, class-balanced calibration draw; cached by content.
+    Under torchrun (dist.world > 1) every process scores its share of rank 0's model on data it
+    checks is the same everywhere, none reads the cache (one process's hit would leave the
+    others waiting in a collective), and process 0 stores the result for later runs."""
     from pipeline.scoring import score
 
+    dist = dist or Dist()
     if opts.task != "classification":
+        if dist.world > 1:
+            raise ScoringError(
+                f"scoring under torchrun covers classification, not --task {opts.task}; "
+                "run it as one process"
+            )
         return _dense_scores(model, cs, opts, cache)
     if cs.labels is not None:
         from calibration.sampling import balanced_sample
@@ -41,15 +55,22 @@ def compute_scores(
     else:
         x = cs.inputs[: opts.samples_per_class * 100]
         data, y = (torch.from_numpy(x), None), None
+    dist.share_model(model)
+    data_hash = hash_arrays(x, y)
+    if not dist.same_everywhere(data_hash):
+        raise ScoringError(
+            "the calibration data differs between the torchrun processes; give every process "
+            "the same --data (and --seed)"
+        )
     key = StageCache.key(
         "scores/1",
         hash_model(model),
-        hash_arrays(x, y),
+        data_hash,
         opts.cache_key("samples_per_class", "projections", "seed", "where"),
     )
 
-    def run(folder: Path) -> dict[str, Any]:
-        scores = score(
+    def compute() -> Scores:
+        return score(
             model,
             data,
             samples_per_class=opts.samples_per_class,
@@ -59,9 +80,17 @@ def compute_scores(
             progress=show_progress(opts),
             max_memory=opts.max_memory,
         )
+
+    def run(folder: Path, scores: Scores | None = None) -> dict[str, Any]:
+        scores = scores or compute()
         scores.save(folder / "scores.npz")
         return {"layers": len(scores.layers)}
 
+    if dist.world > 1:
+        scores = compute()
+        if dist.rank == 0:
+            cache.fetch("scores", key, lambda folder: run(folder, scores))
+        return scores, False
     folder, hit = cache.fetch("scores", key, run)
     return Scores.load(folder / "scores.npz"), hit
 

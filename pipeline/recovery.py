@@ -194,6 +194,35 @@ class Dist:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
 
+    def share_model(self, model: nn.Module) -> None:
+        """Give every process rank 0's parameters and buffers (as DDP does when it wraps a
+        model): a factory with an unseeded random initialisation builds a different model in
+        each process, and scoring shares of batches needs one model."""
+        if self.world == 1:
+            return
+        import torch.distributed as td
+
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                td.broadcast(t.data, src=0)
+
+    def same_everywhere(self, value: str) -> bool:
+        """Whether `value` (a content hash) is the same in every process."""
+        if self.world == 1:
+            return True
+        import torch.distributed as td
+
+        got: list[Any] = [None] * self.world
+        td.all_gather_object(got, value)
+        return len(set(got)) == 1
+
+    def close(self) -> None:
+        """Leave the process group (torchrun warns at exit about one left open)."""
+        import torch.distributed as td
+
+        if self.world > 1 and td.is_initialized():
+            td.destroy_process_group()
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as td

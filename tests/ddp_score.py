@@ -1,5 +1,6 @@
 """Run by tests/test_scoring_budget.py under `torchrun --nproc_per_node 2` (and plainly, as the
-single-process reference): score the seeded digits CNN; rank 0 saves the scores."""
+single-process reference): score the seeded digits CNN; rank 0 saves the scores. With the
+argument `data-differs`: the torchrun guard against different calibration data per process."""
 
 from __future__ import annotations
 
@@ -18,12 +19,39 @@ from pipeline.scoring import score  # noqa: E402
 def main(out: Path, u_store: str) -> None:
     dist = init_distributed()
     x, y = digits_data()
-    scores = score(digits_cnn().to(dist.device()), (x, y), samples_per_class=9, batch_size=16, u_store=u_store,
-                   progress=False)  # fmt: skip
+    scores = score(digits_cnn().to(dist.device()), (x, y), samples_per_class=9, batch_size=16,
+                   u_store=u_store, progress=False)  # fmt: skip
     if dist.rank == 0:
         scores.save(out)
         out.with_suffix(".world").write_text(str(dist.world))
 
 
+def data_differs(out: Path) -> None:
+    """compute_scores with one changed calibration value in process 1: each process writes the
+    one-line error it raised."""
+    from calibration.data import CalibrationSet
+    from fair_edge.config import Options
+    from fair_edge.plan_stage import compute_scores
+    from fair_edge.stage_cache import StageCache
+    from pipeline.scores import ScoringError
+
+    dist = init_distributed()
+    x, y = digits_data()
+    x = x.numpy().copy()
+    x[0, 0, 0, 0] += dist.rank
+    cs = CalibrationSet(x, y.numpy())
+    try:
+        compute_scores(digits_cnn(), cs, Options(samples_per_class=9, quiet=True),
+                       StageCache(out.parent / "stages", enabled=False), dist)  # fmt: skip
+        message = "no error"
+    except ScoringError as exc:
+        message = str(exc)
+    out.with_suffix(f".rank{dist.rank}").write_text(message)
+    dist.close()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[2] == "data-differs":
+        data_differs(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), sys.argv[2])

@@ -9,6 +9,7 @@ budget nothing fits in; torchrun with 2 gloo processes equals one process bit fo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -173,6 +174,68 @@ def test_torchrun_two_processes_equal_one_process(tmp_path: Path) -> None:
         assert np.array_equal(one[n].U, two[n].U), n
         assert np.array_equal(one[n].R, two[n].R), n
     assert one.class_counts == two.class_counts == [9] * 10
+
+
+def test_torchrun_refuses_calibration_data_that_differs_between_processes(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun
+    script = Path(__file__).with_name("ddp_score.py")
+    out = tmp_path / "guard"
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(out), "data-differs"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert out.with_suffix(f".rank{rank}").read_text() == (
+            "the calibration data differs between the torchrun processes; give every process "
+            "the same --data (and --seed)"
+        )
+
+
+SEEDED_BY_RANK = """
+import os
+import torch
+from torch import nn
+def build():
+    torch.manual_seed(int(os.environ.get("RANK", "0")))  # a different model in each process
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(512, 10))
+"""
+
+
+def test_cli_score_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 --no-python fair-edge score ...` with a factory that builds
+    a different model in each process: rank 0's model is scored (equal bit for bit to a single
+    process), one scores file is written, and the cache entry it leaves is hit later."""
+    bindir = str(Path(sys.executable).parent)
+    torchrun, fair_edge = (
+        shutil.which("torchrun", path=bindir),
+        shutil.which("fair-edge", path=bindir),
+    )
+    assert torchrun and fair_edge, "torchrun and fair-edge are installed in the environment"
+    model = tmp_path / "digits_model.py"
+    model.write_text(SEEDED_BY_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAIR_EDGE_CACHE": str(tmp_path / "cache")}
+    env.pop("RANK", None)
+
+    def run(cmd: list[str], out: str, *extra: str) -> tuple[Scores, str]:
+        argv = ["score", "--model", f"{model}:build", "--data", "digits", "--out",
+                str(tmp_path / out), "--samples-per-class", "9", "--quiet", *extra]  # fmt: skip
+        done = subprocess.run([*cmd, *argv], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return Scores.load(tmp_path / out / "build.scores.npz"), done.stdout
+
+    two, out2 = run([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", fair_edge],
+                    "two", "--json")  # fmt: skip
+    one, _ = run([fair_edge], "one", "--no-cache")
+    again, out_again = run([fair_edge], "again", "--json")
+    assert json.loads(out2)["cached"] is False and json.loads(out_again)["cached"] is True
+    assert one.names() == two.names() == again.names() and len(one.names()) == 1
+    for n in one.names():
+        assert np.array_equal(one[n].U, two[n].U) and np.array_equal(one[n].R, two[n].R), n
+        assert np.array_equal(one[n].U, again[n].U), n
 
 
 def test_progress_shows_samples_per_second_and_memory(capsys: pytest.CaptureFixture) -> None:
