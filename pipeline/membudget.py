@@ -83,33 +83,32 @@ def used_bytes(device: torch.device) -> int:
         return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def peak_bytes(device: torch.device) -> int | None:
-    """The process's peak so far: VmHWM on Linux CPU, peak allocated memory on CUDA; None where
-    neither is known. Logged beside the plan's estimate, so a user sees how close it came."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def _proc_kib(path: str, field: str) -> int | None:
+    """Bytes from a `Field:  N kB` line of a /proc file; None off Linux or without the field."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def peak_bytes(device: torch.device) -> int | None:
+    """The process's peak so far: VmHWM on Linux CPU, peak allocated memory on CUDA; None where
+    neither is known. Logged beside the plan's estimate, so a user sees how close it came."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return _proc_kib("/proc/self/status", "VmHWM")
+
+
 def available_bytes(device: torch.device) -> int:
     """What the machine (or the GPU) still has free."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = _proc_kib("/proc/meminfo", "MemAvailable")
+    return free if free is not None else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def default_budget(device: torch.device) -> int:
