@@ -239,7 +239,14 @@ def init_distributed() -> Dist:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not td.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise FairEdgeError(
+                    f"torchrun process {local} of this machine has no GPU of its own "
+                    f"({torch.cuda.device_count()} found); use --nproc_per_node "
+                    f"{torch.cuda.device_count()} or fewer"
+                )
+            torch.cuda.set_device(local)
         td.init_process_group(backend)
     return Dist.current()
 

@@ -374,3 +374,17 @@ def test_samples_past_the_budget_stop_the_reading_in_one_line() -> None:
     assert str(err.value).startswith("the calibration samples alone pass the memory budget")
     assert str(err.value).endswith("raise --max-memory or lower --samples-per-class")
     assert 1 <= len(read) < 8, len(read)
+
+
+def test_nccl_process_without_a_gpu_of_its_own_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with one GPU, the second torchrun process would share it (NCCL refuses):
+    init_distributed says so before joining the group (GPU count simulated; none here)."""
+    from calibration.errors import FairEdgeError
+    from pipeline.recovery import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(FairEdgeError, match=r"process 1 of this machine has no GPU of its own"):
+        init_distributed()
