@@ -129,6 +129,11 @@ def _dense_scores(
     from calibration.dense_targets import load_dense_targets
     from pipeline.scoring import score
 
+    if opts.max_memory is not None:
+        raise ScoringError(
+            f"--max-memory covers classification scoring, not --task {opts.task} (which keeps at "
+            "most --samples-per-class positions per class and layer); leave it out"
+        )
     targets = load_dense_targets(opts.data, opts.task, len(cs), cs.inputs.shape[-2:])
     idx = np.sort(np.random.default_rng(opts.seed).permutation(len(cs))[:DENSE_IMAGES])
     x = cs.inputs[idx]

@@ -686,6 +686,11 @@ def score(
     if task != "classification":
         if device is not None and torch.device(device).type != _model_device_dtype(model)[0].type:
             raise ScoringError(f"the model is not on device={device!r}; move the model first")
+        if max_memory is not None:
+            raise ScoringError(
+                f"a memory budget covers classification scoring, not task {task!r} (which keeps "
+                "at most samples_per_class positions per class and layer); leave out --max-memory"
+            )
         return score_dense(
             model,
             data,

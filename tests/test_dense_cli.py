@@ -69,6 +69,7 @@ def test_detection_box_label_beyond_the_heads_classes_is_one_line(tmp_path):
         (["--loss", f"{HERE / 'dense_models.py'}:nothing"], "has no callable 'nothing'"),
         (["--task", "detection"], "--task detection needs --loss"),
         (["--model", f"{HERE / 'dense_models.py'}:classifier"], "N x classes x H x W logits"),
+        (["--max-memory", "8G"], "--max-memory covers classification scoring, not --task"),
     ],
 )
 def test_dense_bad_input_is_one_line_and_writes_nothing(tmp_path, seg_data, extra, needle):

@@ -388,3 +388,13 @@ def test_nccl_process_without_a_gpu_of_its_own_is_one_line(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(FairEdgeError, match=r"process 1 of this machine has no GPU of its own"):
         init_distributed()
+
+
+def test_a_budget_with_a_dense_task_is_refused_not_ignored() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 3, 1))
+    x, t = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4, 8, 8))
+    with pytest.raises(ScoringError, match="a memory budget covers classification scoring, not"):
+        score(model, (x, t), task="segmentation", max_memory="8G", progress=False)
+    score(
+        model, (x, t), task="segmentation", samples_per_class=4, progress=False
+    )  # no budget: runs
