@@ -278,6 +278,7 @@ def cmd_score(opts: Options, args: argparse.Namespace) -> int:
     cache = StageCache.default(opts.cache)
     try:
         scores, hit = compute_scores(model, inp.calibration, opts, cache, dist)
+        dist.barrier()  # process 0's cache entry is written before any process leaves
     finally:
         dist.close()
     if dist.rank != 0:

@@ -24,6 +24,8 @@ def main(folder: Path, out: Path) -> None:
     if dist.rank == 0:
         save_pruned_weights(result.model, prep.plan, out)
         (out.with_suffix(".world")).write_text(str(result.world_size))
+    dist.barrier()
+    dist.close()  # left open, gloo's threads can abort the process at exit
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ def main(out: Path, u_store: str) -> None:
     if dist.rank == 0:
         scores.save(out)
         out.with_suffix(".world").write_text(str(dist.world))
+    dist.barrier()
+    dist.close()  # left open, gloo's threads can abort the process at exit
 
 
 def data_differs(out: Path) -> None:
@@ -47,6 +49,7 @@ def data_differs(out: Path) -> None:
     except ScoringError as exc:
         message = str(exc)
     out.with_suffix(f".rank{dist.rank}").write_text(message)
+    dist.barrier()
     dist.close()
 
 
