@@ -33,8 +33,8 @@ def compute_scores(
     dist: Dist | None = None,
 ) -> tuple[Scores, bool]:
     """FAIR scores of `model` on a seeded, class-balanced calibration draw; cached by content.
-    Under torchrun (dist.world > 1) every process scores its share of rank 0's model on data it
-    checks is the same everywhere, none reads the cache (one process's hit would leave the
+    Under torchrun (dist.world > 1) every process scores its share (score() shares rank 0's
+    weights and checks the data), none reads the cache (one process's hit would leave the
     others waiting in a collective), and process 0 stores the result for later runs."""
     from pipeline.scoring import score
 
@@ -55,17 +55,10 @@ def compute_scores(
     else:
         x = cs.inputs[: opts.samples_per_class * 100]
         data, y = (torch.from_numpy(x), None), None
-    dist.share_model(model)
-    data_hash = hash_arrays(x, y)
-    if not dist.same_everywhere(data_hash):
-        raise ScoringError(
-            "the calibration data differs between the torchrun processes; give every process "
-            "the same --data (and --seed)"
-        )
     key = StageCache.key(
         "scores/1",
         hash_model(model),
-        data_hash,
+        hash_arrays(x, y),
         opts.cache_key("samples_per_class", "projections", "seed", "where"),
     )
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -372,6 +373,14 @@ def _select(
     return _Selection(x, y.to(device), cls_idx, classes, counts, n_total)
 
 
+def _selection_hash(sel: _Selection, rows: int = 256) -> str:
+    """SHA-256 of the selected samples and labels, read a few rows at a time (no full copy)."""
+    h = hashlib.sha256(sel.y.cpu().numpy().tobytes())
+    for s in range(0, sel.x.shape[0], rows):
+        h.update(sel.x[s : s + rows].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _interleaved(
     per_class: dict[int, list[torch.Tensor]], classes: list[int], order: torch.Tensor
 ) -> torch.Tensor:
@@ -668,10 +677,14 @@ def score(
     `samples_per_class` samples of each class (in data order) are used for both scores; with
     more than `max_classes` classes a seeded random subset of classes is used (recorded).
     `max_memory` (bytes or '8G'; default: in use now + 80% of what is free) caps the memory of
-    the pass: the batch size (at most `batch_size`) and where U's samples wait follow from it.
+    scoring: reading stops in one line once the kept samples alone pass it, and the batch size
+    (at most `batch_size`) and where U's samples wait follow from it. The log (INFO) gives the
+    estimated peak beside the measured one.
     `u_store`: 'auto' (memory when it fits, else temporary files on disk), 'memory' or 'disk';
-    both keep the exact float32 samples. Under torchrun every process scores its share of the batches (same data on every process);
-    the result equals a single-process run with the same batch size.
+    both keep the exact float32 samples. Under torchrun every process scores its share of the
+    batches (same model and data on every process: `fair-edge score` broadcasts rank 0's
+    weights and checks the data); the result equals a single-process run with the same batch
+    size.
     `task` 'segmentation' or 'detection': U per output position (pipeline.dense_scoring, whose
     docstring gives the data forms); `samples_per_class` then caps positions per class.
     `loss(output, targets)` replaces the task's default loss; its failures and non-scalar
@@ -721,6 +734,8 @@ def score(
     want = torch.device(device) if device is not None else mdev
     if want.type != mdev.type or (want.index is not None and want.index != mdev.index):
         raise ScoringError(f"the model is on {mdev} but device={device!r}; move the model first")
+    dist = Dist.current()
+    dist.share_model(model)  # under torchrun: rank 0's weights everywhere, as DDP does
     with heads_exposed(model) as head_names:  # attention heads scored as units
         loss_fn = loss or _default_loss
         all_candidates = [m for m in model.modules() if isinstance(m, CANDIDATE_TYPES)]
@@ -736,6 +751,11 @@ def score(
             sel = _select(
                 model, data, samples_per_class, max_classes, seed, mdev, mdtype, batch_size, budget
             )
+            if not dist.same_everywhere(_selection_hash(sel)):
+                raise CalibrationError(
+                    "the calibration data differs between the torchrun processes; give every "
+                    "process the same data (and seed)"
+                )
             probe = _probe(model, sel.x[: min(2, sel.x.shape[0])])
             if not probe.candidates:
                 raise ScoringError(
@@ -746,7 +766,6 @@ def score(
                     f"label {max(sel.classes)} is out of range for a model with {probe.logits} "
                     "outputs; check the labels (or pass loss=)"
                 )
-            dist = Dist.current()
             release_free_memory()  # what the probe pass left behind
             plan = _memory_plan(probe, sel, projections, batch_size, budget, u_store, mdev, dist)
             log.info(plan.line())

@@ -32,10 +32,10 @@ def data_differs(out: Path) -> None:
     """compute_scores with one changed calibration value in process 1: each process writes the
     one-line error it raised."""
     from calibration.data import CalibrationSet
+    from calibration.errors import FairEdgeError
     from fair_edge.config import Options
     from fair_edge.plan_stage import compute_scores
     from fair_edge.stage_cache import StageCache
-    from pipeline.scores import ScoringError
 
     dist = init_distributed()
     x, y = digits_data()
@@ -46,7 +46,7 @@ def data_differs(out: Path) -> None:
         compute_scores(digits_cnn(), cs, Options(samples_per_class=9, quiet=True),
                        StageCache(out.parent / "stages", enabled=False), dist)  # fmt: skip
         message = "no error"
-    except ScoringError as exc:
+    except FairEdgeError as exc:
         message = str(exc)
     out.with_suffix(f".rank{dist.rank}").write_text(message)
     dist.barrier()

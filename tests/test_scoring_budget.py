@@ -189,7 +189,7 @@ def test_torchrun_refuses_calibration_data_that_differs_between_processes(tmp_pa
     for rank in (0, 1):
         assert out.with_suffix(f".rank{rank}").read_text() == (
             "the calibration data differs between the torchrun processes; give every process "
-            "the same --data (and --seed)"
+            "the same data (and seed)"
         )
 
 
