@@ -398,3 +398,23 @@ def test_a_budget_with_a_dense_task_is_refused_not_ignored() -> None:
     score(
         model, (x, t), task="segmentation", samples_per_class=4, progress=False
     )  # no budget: runs
+
+
+def test_selection_hash_sees_one_changed_value_in_any_dtype() -> None:
+    """The torchrun data check's hash: equal for equal samples, different for one changed value
+    (bfloat16 included, which numpy cannot hold), read in row blocks smaller than the data."""
+    from pipeline.scoring import _Selection, _selection_hash
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(7, 3, 4, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+        y = torch.arange(7) % 2
+
+        def sel(x: torch.Tensor, y: torch.Tensor = y) -> _Selection:
+            return _Selection(x, y, y, [0, 1], [4, 3], 2)
+
+        same = _selection_hash(sel(x.clone()), rows=3)
+        assert _selection_hash(sel(x), rows=3) == same
+        changed = x.clone()
+        changed[6, 2, 3, 3] += 1
+        assert _selection_hash(sel(changed), rows=3) != same, dtype
+        assert _selection_hash(sel(x, 1 - y), rows=3) != same, dtype
