@@ -46,7 +46,8 @@ def batches(k: int, spc: int, size: int, seed: int = 0) -> Iterator[tuple]:
 
 class RssTimeline:
     """Resident memory sampled every `every` seconds in a background thread (/proc/self/statm),
-    so a row shows when the peak happened, not only how high it was."""
+    so a row shows when the peak happened, not only how high it was. Read here rather than with
+    pipeline.membudget.used_bytes: a `baseline` child imports an older checkout without it."""
 
     def __init__(self, every: float = 0.2) -> None:
         self.every = every

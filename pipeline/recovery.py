@@ -217,7 +217,8 @@ class Dist:
         return len(set(got)) == 1
 
     def close(self) -> None:
-        """Leave the process group (torchrun warns at exit about one left open)."""
+        """Leave the process group: a gloo group left open can abort the process at exit
+        ("terminate called without an active exception", seen once in CI)."""
         import torch.distributed as td
 
         if self.world > 1 and td.is_initialized():

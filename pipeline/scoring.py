@@ -393,6 +393,7 @@ def _interleaved(
     x = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
     dest = torch.empty_like(order)
     dest[order] = torch.arange(n)  # row i of the class-major cat goes to dest[i]
+    dest = dest.to(x.device)
     kept = set(classes)
     for c in [c for c in per_class if c not in kept]:
         del per_class[c]  # classes left out by max_classes
@@ -401,7 +402,7 @@ def _interleaved(
         pieces = per_class.pop(c)
         for piece in pieces:
             k = piece.shape[0]
-            x[dest[start : start + k].to(x.device)] = piece
+            x[dest[start : start + k]] = piece
             start += k
             freed += piece.nbytes
         del pieces
@@ -682,9 +683,8 @@ def score(
     estimated peak beside the measured one.
     `u_store`: 'auto' (memory when it fits, else temporary files on disk), 'memory' or 'disk';
     both keep the exact float32 samples. Under torchrun every process scores its share of the
-    batches (same model and data on every process: `fair-edge score` broadcasts rank 0's
-    weights and checks the data); the result equals a single-process run with the same batch
-    size.
+    batches of rank 0's model (its weights are broadcast, as DDP does) on data checked to be the
+    same in every process; the result equals a single-process run with the same batch size.
     `task` 'segmentation' or 'detection': U per output position (pipeline.dense_scoring, whose
     docstring gives the data forms); `samples_per_class` then caps positions per class.
     `loss(output, targets)` replaces the task's default loss; its failures and non-scalar

@@ -418,3 +418,22 @@ def test_selection_hash_sees_one_changed_value_in_any_dtype() -> None:
         changed[6, 2, 3, 3] += 1
         assert _selection_hash(sel(changed), rows=3) != same, dtype
         assert _selection_hash(sel(x, 1 - y), rows=3) != same, dtype
+
+
+def test_a_dense_task_under_torchrun_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Dense scoring has no shares of batches: under torchrun every process would score it all
+    and race for the cache entry, so compute_scores refuses it (world size from Dist, no
+    collective is reached)."""
+    from calibration.data import CalibrationSet
+    from fair_edge.config import Options
+    from fair_edge.plan_stage import compute_scores
+    from fair_edge.stage_cache import StageCache
+    from pipeline.recovery import Dist
+
+    cs = CalibrationSet(np.zeros((4, 1, 8, 8), dtype=np.float32))
+    cache = StageCache(tmp_path / "stages")
+    with pytest.raises(ScoringError, match=r"^scoring under torchrun covers classification, not "
+                       r"--task segmentation; run it as one process$"):  # fmt: skip
+        compute_scores(torch.nn.Conv2d(1, 3, 1), cs, Options(task="segmentation"), cache,
+                       Dist(rank=0, world=2))  # fmt: skip
+    assert not (tmp_path / "stages").exists()
