@@ -8,7 +8,8 @@ the whole process: Python, torch, model, calibration samples, everything) is rep
 its wall and CPU time: `fwdbwd` is one plain forward+backward (cross-entropy, .backward())
 over the same samples at --fwdbwd-batch; `score` is pipeline.scoring.score at --max-memory;
 `baseline` is score() of another checkout (--baseline, e.g. main before the budget) at its
-default batch 64. The calibration data is an iterable of batches generated on the fly (random
+default batch 64; `select` / `select-baseline` run only scoring's sample selection (this checkout
+/ the --baseline one), whose peak is the samples' copies. The calibration data is an iterable of batches generated on the fly (random
 images plus a per-class pattern, labels interleaved), as a data loader would give it, so the
 only copy of the samples is the one scoring keeps. The weights are torchvision's random
 initialisation (timing and memory do not depend on them). Rows are appended to --out as each
@@ -108,10 +109,24 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def run_measured(args: argparse.Namespace, model: object, out: dict) -> None:
-    """The measured work of one child: a plain forward+backward, or score()."""
+    """The measured work of one child: a plain forward+backward, score(), or scoring's sample
+    selection alone (`select`: the peak of picking and interleaving the samples)."""
     import torch.nn.functional as F
 
-    if args.child == "fwdbwd":
+    if args.child.startswith("select"):
+        import inspect
+
+        import torch
+
+        from pipeline.scoring import _select
+
+        cpu = torch.device("cpu")
+        pos = [model, batches(args.classes, args.spc, args.size), args.spc, args.classes, 0, cpu,
+               torch.float32, 64]  # fmt: skip
+        if "budget" in inspect.signature(_select).parameters:  # older checkouts have no budget
+            pos.append(10**12)
+        out["selected_gb"] = _select(*pos).x.nbytes / 1e9
+    elif args.child == "fwdbwd":
         b = args.fwdbwd_batch
         for x, y in batches(args.classes, args.spc, args.size):
             for s in range(0, len(x), b):
@@ -151,7 +166,9 @@ def run_child(kind: str, k: int, spc: int, args: argparse.Namespace, root: str) 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="10x8,20x16,40x16", help="classes x samples per class")
-    ap.add_argument("--kinds", default="fwdbwd,score", help="fwdbwd, score, baseline")
+    ap.add_argument(
+        "--kinds", default="fwdbwd,score", help="fwdbwd, score, baseline, select, select-baseline"
+    )
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--max-memory", default="8G")
@@ -170,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in args.configs.split(","):
         k, spc = (int(v) for v in cfg.split("x"))
         for kind in args.kinds.split(","):
-            root = args.baseline if kind == "baseline" else str(HERE.parents[1])
-            if kind == "baseline" and not root:
+            on_baseline = kind in ("baseline", "select-baseline")
+            root = args.baseline if on_baseline else str(HERE.parents[1])
+            if on_baseline and not root:
                 continue
             row = run_child(kind, k, spc, args, root)
             print(json.dumps(row), flush=True)
